@@ -1,0 +1,51 @@
+"""shardwise: tensor parallelism for PyTorch, on PyTorch's own DeviceMesh and DTensor.
+
+Example::
+
+    >>> import shardwise
+    >>> from torch.distributed.device_mesh import init_device_mesh
+    >>> mesh = init_device_mesh("cpu", (2,))
+    >>> model = shardwise.parallelize_module(model, mesh, shardwise.PairwiseParallel())
+"""
+
+from .api import parallelize_module
+from .fsdp import enable_2d_with_fsdp
+from .multihead_attention_tp import TensorParallelMultiheadAttention
+from .style import (
+    ColwiseParallel,
+    PairwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    SequenceParallel,
+    make_input_replicate_1d,
+    make_input_reshard_replicate,
+    make_input_shard_1d,
+    make_input_shard_1d_last_dim,
+    make_output_replicate_1d,
+    make_output_reshard_tensor,
+    make_output_shard_1d,
+    make_output_tensor,
+    make_sharded_output_tensor,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "parallelize_module",
+    "ParallelStyle",
+    "ColwiseParallel",
+    "RowwiseParallel",
+    "PairwiseParallel",
+    "SequenceParallel",
+    "TensorParallelMultiheadAttention",
+    "enable_2d_with_fsdp",
+    "make_input_replicate_1d",
+    "make_input_reshard_replicate",
+    "make_input_shard_1d",
+    "make_input_shard_1d_last_dim",
+    "make_output_replicate_1d",
+    "make_output_reshard_tensor",
+    "make_output_shard_1d",
+    "make_output_tensor",
+    "make_sharded_output_tensor",
+]

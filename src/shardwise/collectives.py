@@ -1,0 +1,243 @@
+"""Autograd-aware collectives on local tensors: the f/g operators of Megatron-LM.
+
+Every function here takes a plain ``torch.Tensor`` and a ``ProcessGroup`` and runs
+exactly one collective in forward and at most one in backward. They are the only
+place in shardwise's hot path that communicates, so counting them is counting the
+library's traffic.
+
+======================================  =======================  ========================
+function                                forward                  backward
+======================================  =======================  ========================
+``copy_to_region``            (f)       identity                 all-reduce
+``reduce_from_region``        (g)       all-reduce               identity
+``gather_from_region``                  all-gather on ``dim``    split on ``dim``
+``scatter_to_region``                   split on ``dim``         all-gather on ``dim``
+``gather_from_sequence_region``         all-gather on ``dim``    reduce-scatter on ``dim``
+``reduce_scatter_to_sequence_region``   reduce-scatter ``dim``   all-gather on ``dim``
+======================================  =======================  ========================
+
+Example::
+
+    >>> y = copy_to_region(x, group)          # replicated input to a column-parallel matmul
+    >>> out = reduce_from_region(partial, group)   # sum the row-parallel partial results
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+__all__ = [
+    "copy_to_region",
+    "reduce_from_region",
+    "gather_from_region",
+    "scatter_to_region",
+    "gather_from_sequence_region",
+    "reduce_scatter_to_sequence_region",
+    "all_gather_along",
+    "reduce_scatter_along",
+    "split_along",
+]
+
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _all_reduce(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    if dist.get_world_size(group) == 1:
+        return x
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def all_gather_along(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along ``dim`` (one all-gather).
+
+    Example::
+
+        >>> full = all_gather_along(shard, group, dim=0)   # [S/W, B, H] -> [S, B, H]
+    """
+    world = dist.get_world_size(group)
+    if world == 1:
+        return x
+    dim = dim % x.dim()
+    # Gather into a buffer stacked on a new leading axis, then move it next to ``dim``.
+    xt = x.movedim(dim, 0).contiguous()
+    out = torch.empty((world * xt.shape[0], *xt.shape[1:]), dtype=x.dtype, device=x.device)
+    _all_gather_single(out, xt, group=group)
+    return out.movedim(0, dim)
+
+
+def reduce_scatter_along(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+    """Sum ``x`` over the group and keep this rank's chunk of ``dim`` (one reduce-scatter).
+
+    Example::
+
+        >>> mine = reduce_scatter_along(partial, group, dim=0)   # [S, B, H] -> [S/W, B, H]
+    """
+    world = dist.get_world_size(group)
+    if world == 1:
+        return x
+    dim = dim % x.dim()
+    xt = x.movedim(dim, 0).contiguous()
+    out = torch.empty((xt.shape[0] // world, *xt.shape[1:]), dtype=x.dtype, device=x.device)
+    _reduce_scatter_single(out, xt, group=group)
+    return out.movedim(0, dim)
+
+
+def split_along(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+    """This rank's equal chunk of ``x`` along ``dim`` (no communication).
+
+    Example::
+
+        >>> mine = split_along(full, group, dim=-1)   # [B, S, H] -> [B, S, H/W]
+    """
+    world = dist.get_world_size(group)
+    if world == 1:
+        return x
+    rank = dist.get_rank(group)
+    return x.chunk(world, dim=dim)[rank].contiguous()
+
+
+class _CopyToRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _all_reduce(grad, ctx.group), None
+
+
+class _ReduceFromRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        if dist.get_world_size(group) == 1:
+            return x.view_as(x)
+        if x.is_contiguous():
+            # Reduce in place, as Megatron does: the partial sum is dead after this.
+            ctx.mark_dirty(x)
+            dist.all_reduce(x, group=group)
+            return x
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class _GatherFromRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+        ctx.group, ctx.dim = group, dim
+        return all_gather_along(x, group, dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return split_along(grad, ctx.group, ctx.dim), None, None
+
+
+class _ScatterToRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+        ctx.group, ctx.dim = group, dim
+        return split_along(x, group, dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return all_gather_along(grad, ctx.group, ctx.dim), None, None
+
+
+class _GatherFromSequenceRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+        ctx.group, ctx.dim = group, dim
+        return all_gather_along(x, group, dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return reduce_scatter_along(grad, ctx.group, ctx.dim), None, None
+
+
+class _ReduceScatterToSequenceRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+        ctx.group, ctx.dim = group, dim
+        return reduce_scatter_along(x, group, dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return all_gather_along(grad, ctx.group, ctx.dim), None, None
+
+
+def copy_to_region(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """Megatron's *f*: identity in forward, all-reduce of the gradient in backward.
+
+    Use it where a replicated activation enters column-parallel compute: each rank's
+    gradient then holds only its output slice's contribution and must be summed.
+
+    Example::
+
+        >>> y = torch.nn.functional.linear(copy_to_region(x, group), w_col_shard)
+    """
+    return _CopyToRegion.apply(x, group)
+
+
+def reduce_from_region(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """Megatron's *g*: all-reduce (sum) in forward, identity in backward.
+
+    Example::
+
+        >>> out = reduce_from_region(torch.nn.functional.linear(x_shard, w_row_shard), group)
+    """
+    return _ReduceFromRegion.apply(x, group)
+
+
+def gather_from_region(x: torch.Tensor, group: ProcessGroup, dim: int = -1) -> torch.Tensor:
+    """All-gather along ``dim`` in forward; keep this rank's slice of the gradient in backward.
+
+    The gradient is assumed replicated (every rank computes the same loss from the
+    gathered tensor), as for a column-parallel layer whose output is gathered.
+
+    Example::
+
+        >>> full = gather_from_region(y_shard, group, dim=-1)   # [.., H/W] -> [.., H]
+    """
+    return _GatherFromRegion.apply(x, group, dim)
+
+
+def scatter_to_region(x: torch.Tensor, group: ProcessGroup, dim: int = -1) -> torch.Tensor:
+    """Keep this rank's slice along ``dim`` in forward; all-gather the gradient in backward.
+
+    Example::
+
+        >>> x_shard = scatter_to_region(x_full, group, dim=-1)   # [.., H] -> [.., H/W]
+    """
+    return _ScatterToRegion.apply(x, group, dim)
+
+
+def gather_from_sequence_region(x: torch.Tensor, group: ProcessGroup, dim: int = 0) -> torch.Tensor:
+    """Sequence parallel entry: all-gather ``dim`` forward, reduce-scatter the gradient backward.
+
+    Example::
+
+        >>> x_full = gather_from_sequence_region(x_seq_shard, group, dim=0)   # [S/W,B,H] -> [S,B,H]
+    """
+    return _GatherFromSequenceRegion.apply(x, group, dim)
+
+
+def reduce_scatter_to_sequence_region(
+    x: torch.Tensor, group: ProcessGroup, dim: int = 0
+) -> torch.Tensor:
+    """Sequence parallel exit: reduce-scatter ``dim`` forward, all-gather the gradient backward.
+
+    Example::
+
+        >>> y_shard = reduce_scatter_to_sequence_region(partial, group, dim=0)  # [S,B,H] -> [S/W,B,H]
+    """
+    return _ReduceScatterToSequenceRegion.apply(x, group, dim)

@@ -1,0 +1,73 @@
+"""Local views of DTensor parameters whose gradients land back on the DTensor.
+
+Parameters are stored as ``nn.Parameter(DTensor)`` so that ``state_dict``, optimizers,
+FSDP and DCP see global shapes and placements. The hot path, however, computes on the
+local shard. Routing that through ``DTensor.to_local()`` costs an autograd Function and a
+``DTensor.from_local`` per parameter per step. Instead the local tensor inside the
+parameter is made an autograd leaf itself; a post-accumulate-grad hook moves each
+gradient into ``param.grad`` as a DTensor with the parameter's own spec.
+
+Parameters that shardwise did not install (FSDP's unsharded views, for example) are not
+leaves it owns, so they take the ordinary ``to_local()`` route, which autograd connects.
+
+Example::
+
+    >>> w = local_param(linear.weight)   # plain tensor, gradient flows to linear.weight.grad
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor
+
+__all__ = ["install_local_leaf", "local_param"]
+
+_OWNER = "_shardwise_owner"
+
+
+def _move_grad_to_owner(local: torch.Tensor) -> None:
+    owner = getattr(local, _OWNER)()
+    grad, local.grad = local.grad, None
+    if owner is None or grad is None:
+        return
+    if owner.grad is None:
+        owner.grad = DTensor(grad, owner._spec, requires_grad=False)  # type: ignore[call-arg]
+    else:
+        owner.grad._local_tensor.add_(grad)
+
+
+def install_local_leaf(param: torch.nn.Parameter) -> None:
+    """Make ``param``'s local tensor a gradient-tracking leaf owned by ``param``.
+
+    Example::
+
+        >>> install_local_leaf(linear.weight)
+    """
+    import weakref
+
+    local = param._local_tensor
+    local.requires_grad_(True)
+    setattr(local, _OWNER, weakref.ref(param))
+    local.register_post_accumulate_grad_hook(_move_grad_to_owner)
+
+
+def local_param(param: torch.Tensor | None) -> torch.Tensor | None:
+    """The local tensor to compute with for ``param`` (a DTensor parameter, or plain).
+
+    Example::
+
+        >>> y = torch.nn.functional.linear(x, local_param(m.weight), local_param(m.bias))
+    """
+    if param is None or not isinstance(param, DTensor):
+        return param
+    if not param.requires_grad or not torch.is_grad_enabled():
+        return param._local_tensor.detach()
+    local = param._local_tensor
+    owner = getattr(local, _OWNER, None)
+    if owner is not None and owner() is param and param.is_leaf:
+        return local
+    if isinstance(param, torch.nn.Parameter) and param.is_leaf and owner is None:
+        # A parameter whose data was swapped (``module.to(...)``): adopt the new local.
+        install_local_leaf(param)
+        return local
+    return param.to_local()

@@ -1,0 +1,171 @@
+"""PairwiseParallel and SequenceParallel on MLPs and Transformer layers.
+
+An MLP is a module with two or more direct ``nn.Linear`` children; they are paired in
+registration order, even ones column-parallel and odd ones row-parallel. Only the first
+Linear sees the style's input function and only the last its output function; between
+pairs the activation is all-reduced (Megatron's f/g), and inside a pair it stays a
+local feature shard, so ReLU/GELU/Dropout in between run on plain local tensors.
+
+Example::
+
+    >>> specs = plan_mlp(mlp, "mlp", PairwiseParallel(), world=2)
+    >>> [(s.fqn, s.role) for s in specs]
+    [('mlp.fc1', 'colwise'), ('mlp.fc2', 'rowwise')]
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from . import collectives as C
+from .layouts import (
+    make_input_replicate_1d,
+    make_input_shard_1d_last_dim,
+    make_output_tensor,
+    make_sharded_output_tensor,
+)
+from .sharded_linear import Role, check_linear
+from .style import PairwiseParallel, SequenceParallel
+
+__all__ = [
+    "LinearSpec",
+    "linear_children",
+    "is_mlp",
+    "plan_mlp",
+    "is_transformer_layer",
+    "shard_sequence_io",
+]
+
+TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """One Linear to shard: where it is, which role, and its input/output functions."""
+
+    fqn: str
+    module: nn.Linear
+    role: Role
+    prepare_input: Any
+    prepare_output: Any
+
+
+def linear_children(module: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """Direct ``nn.Linear`` children in registration order (not call order).
+
+    Example::
+
+        >>> [n for n, _ in linear_children(nn.TransformerEncoderLayer(8, 2))]
+        ['linear1', 'linear2']
+    """
+    return [(n, m) for n, m in module.named_children() if isinstance(m, nn.Linear)]
+
+
+def is_mlp(module: nn.Module) -> bool:
+    """Whether the pairwise MLP rule applies: two or more direct Linear children.
+
+    Example::
+
+        >>> is_mlp(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4)))
+        True
+    """
+    return len(linear_children(module)) >= 2
+
+
+def is_transformer_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.TransformerEncoderLayer`` or ``nn.TransformerDecoderLayer``.
+
+    Example::
+
+        >>> is_transformer_layer(nn.TransformerEncoderLayer(8, 2))
+        True
+    """
+    return isinstance(module, TRANSFORMER_LAYERS)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def plan_mlp(module: nn.Module, fqn: str, style: PairwiseParallel, world: int) -> list[LinearSpec]:
+    """Validate an MLP under ``style`` and return the Linear shardings to apply.
+
+    Raises before any collective: an odd Linear count, or a dimension that ``world``
+    does not divide, names the module.
+
+    Example::
+
+        >>> plan_mlp(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 4), nn.Linear(4, 4)), "m",
+        ...          PairwiseParallel(), 2)
+        Traceback (most recent call last):
+        RuntimeError: m: PairwiseParallel needs an even number of nn.Linear children ...
+    """
+    name = fqn or type(module).__name__
+    if not isinstance(style, PairwiseParallel):
+        raise NotImplementedError(
+            f"Only support PairwiseParallel for MLP parallelization ('{name}' got "
+            f"{type(style).__name__})."
+        )
+    linears = linear_children(module)
+    if len(linears) % 2:
+        raise RuntimeError(
+            f"{name}: {type(style).__name__} needs an even number of nn.Linear children to pair "
+            f"column- and row-wise, but found an odd number ({len(linears)}: "
+            f"{', '.join(n for n, _ in linears)}). Use a dict plan for the odd one out."
+        )
+    sequence_io_on_layer = isinstance(style, SequenceParallel) and is_transformer_layer(module)
+    first_in = make_input_replicate_1d if sequence_io_on_layer else style.input_fn()
+    last_out = make_output_tensor if sequence_io_on_layer else style.output_fn()
+    specs: list[LinearSpec] = []
+    for i, (child, linear) in enumerate(linears):
+        role: Role = "colwise" if i % 2 == 0 else "rowwise"
+        child_fqn = _join(fqn, child)
+        check_linear(linear, child_fqn, role, world)
+        if role == "colwise":
+            fn_in = first_in if i == 0 else make_input_replicate_1d
+            fn_out = make_sharded_output_tensor
+        else:
+            fn_in = make_input_shard_1d_last_dim
+            fn_out = last_out if i == len(linears) - 1 else make_output_tensor
+        specs.append(LinearSpec(child_fqn, linear, role, fn_in, fn_out))
+    return specs
+
+
+class _SequenceShardedForward:
+    """Wraps a Transformer layer: gather dim 0 of its tensor inputs, keep this rank's dim-0 slice of its output."""
+
+    def __init__(self, inner: Any, mesh: DeviceMesh, n_inputs: int) -> None:
+        self.inner = inner
+        self.group = mesh.get_group()
+        self.n_inputs = n_inputs
+
+    def __call__(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        gathered = [
+            C.gather_from_region(a, self.group, 0)
+            if i < self.n_inputs and isinstance(a, torch.Tensor)
+            else a
+            for i, a in enumerate(args)
+        ]
+        out = self.inner(module, *gathered, **kwargs)
+        return C.scatter_to_region(out, self.group, 0)
+
+
+def shard_sequence_io(layer: nn.Module, mesh: DeviceMesh) -> None:
+    """Make a Transformer layer take and return dim-0 (sequence) shards on ``mesh``.
+
+    Inside, the layer computes on the gathered sequence (its feed-forward pair is
+    tensor-parallel), so its result equals the single-device layer on the concatenation.
+
+    Example::
+
+        >>> shard_sequence_io(encoder_layer, mesh)   # in: [S/W, B, E], out: [S/W, B, E]
+    """
+    n_inputs = 2 if isinstance(layer, nn.TransformerDecoderLayer) else 1
+    wrapped = _SequenceShardedForward(type(layer).forward, mesh, n_inputs)
+    layer.forward = types.MethodType(wrapped, layer)  # type: ignore[method-assign]
