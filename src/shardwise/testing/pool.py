@@ -103,8 +103,9 @@ class RankPool:
         ...     ranks = pool.run(body)
     """
 
-    def __init__(self, world_size: int, backend: str = "gloo") -> None:
+    def __init__(self, world_size: int, backend: str = "gloo", grace: float = 5.0) -> None:
         self.world_size = world_size
+        self.grace = grace
         self.backend = backend
         self._procs: list[Any] = []
         self._conns: list[Connection] = []
@@ -139,19 +140,36 @@ class RankPool:
         deadline = time.monotonic() + timeout
         results: list[Any] = [None] * self.world_size
         errors: dict[int, tuple[str, str, str]] = {}
-        for rank, conn in enumerate(self._conns):
-            while not conn.poll(0.05):
-                if time.monotonic() > deadline or not self._procs[rank].is_alive():
-                    self.close(force=True)
-                    raise TimeoutError(
-                        f"{fn.__qualname__} did not finish on rank {rank} within {timeout}s "
-                        "(a hang or a crashed rank); the pool was restarted."
-                    )
-            status, value = conn.recv()
-            if status == "ok":
-                results[rank] = value
-            else:
-                errors[rank] = value
+        pending = set(range(self.world_size))
+        while pending:
+            for rank in sorted(pending):
+                conn = self._conns[rank]
+                if conn.poll():
+                    status, value = conn.recv()
+                    pending.discard(rank)
+                    if status == "ok":
+                        results[rank] = value
+                    else:
+                        errors[rank] = value
+                        # Ranks still inside a collective with the failed one would wait
+                        # for gloo's timeout: give them a moment, then restart the pool.
+                        deadline = min(deadline, time.monotonic() + self.grace)
+                elif not self._procs[rank].is_alive():
+                    pending.discard(rank)
+                    errors[rank] = ("ProcessDied", f"exit code {self._procs[rank].exitcode}", "")
+            if pending and time.monotonic() > deadline:
+                self.close(force=True)
+                stuck = ", ".join(map(str, sorted(pending)))
+                if errors:
+                    errors.update({r: ("Stuck", "waiting on a failed rank; pool restarted", "")
+                                   for r in pending})
+                    raise RankError(errors)
+                raise TimeoutError(
+                    f"{fn.__qualname__} did not finish on rank(s) {stuck} within {timeout}s "
+                    "(a hang); the pool was restarted."
+                )
+            if pending:
+                time.sleep(0.002)
         if errors:
             raise RankError(errors)
         return results

@@ -1,0 +1,231 @@
+"""2-D parallelism: PairwiseParallel on the rows of a 2x2 mesh, FSDP1/FSDP2 on its columns.
+
+Ranks ``[[0, 1], [2, 3]]`` named ``("dp", "tp")``. Each dp rank feeds its own half of a
+global batch; the single-process reference sees the whole batch with a mean loss, so
+FSDP's gradient average over dp reproduces the reference gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Shard
+
+from models import MLP, DeepMLP
+from shardwise import PairwiseParallel, enable_2d_with_fsdp, parallelize_module
+from shardwise.fsdp import parallelize_2d
+from shardwise.testing import mesh_of
+
+WORLD = 4
+BATCH = 3  # rows per dp rank
+BUILDERS = {"mlp": MLP, "deep": DeepMLP}
+OPTIMIZERS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=0.01),
+}
+
+
+def _mesh2d():
+    return mesh_of(2, 2, names=("dp", "tp"))
+
+
+def _wrap(model: nn.Module, flavour: str) -> nn.Module:
+    mesh = _mesh2d()
+    if flavour == "fsdp1":
+        assert enable_2d_with_fsdp()
+        return FSDP(model, device_mesh=mesh["dp"], use_orig_params=True, device_id=torch.device("cpu"))
+    if flavour == "fsdp2_blocks":  # per-layer units: reshard after forward, re-gather in backward
+        for child in model.children():
+            fully_shard(child, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    return model
+
+
+def _build_2d(kind: str, flavour: str, seed: int) -> tuple[nn.Module, nn.Module]:
+    """A reference model and its TP(rows) x FSDP(columns) copy, same initial weights."""
+    torch.manual_seed(seed)
+    ref = BUILDERS[kind]()
+    model = parallelize_module(copy.deepcopy(ref), _mesh2d(), PairwiseParallel(), tp_mesh_dim=1)
+    return ref, _wrap(model, flavour)
+
+
+def _full_params(model: nn.Module, flavour: str) -> dict[str, torch.Tensor]:
+    """Every parameter's global value, gathered the flavour's own way."""
+    if flavour == "fsdp1":
+        with FSDP.summon_full_params(model):
+            return {n: _global(p) for n, p in model.named_parameters()}
+    return {n: _global(p) for n, p in model.named_parameters()}
+
+
+def _global(p: torch.Tensor) -> torch.Tensor:
+    return (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of a step (both dp halves), the same on every rank."""
+    gen = torch.Generator().manual_seed(100 + step)
+    return torch.randn(2 * BATCH, 16, generator=gen), torch.randn(2 * BATCH, 16, generator=gen)
+
+
+def _train_body(kind: str, flavour: str, opt_name: str, micro: int, steps: int = 3) -> dict:
+    ref, model = _build_2d(kind, flavour, seed=0)
+    opt_ref, opt = OPTIMIZERS[opt_name](ref.parameters()), OPTIMIZERS[opt_name](model.parameters())
+    dp_rank = _mesh2d().get_local_rank("dp")
+    losses = []
+    for step in range(steps):
+        x, target = _batch(step)
+        # The reference loss is the mean over the global batch, written as the mean of
+        # the 2 * micro equal pieces so that each rank can compare its own pieces.
+        pieces = list(zip(x.chunk(2 * micro), target.chunk(2 * micro)))
+        ref_losses = [F.mse_loss(ref(xp), tp) for xp, tp in pieces]
+        torch.stack(ref_losses).mean().backward()
+        for m in range(micro):  # gradient accumulation over this rank's micro-batches
+            k = dp_rank * micro + m
+            loss = F.mse_loss(model(pieces[k][0]), pieces[k][1])
+            (loss / micro).backward()
+            torch.testing.assert_close(loss.detach(), ref_losses[k].detach(), msg=f"step {step} loss {k}")
+            losses.append(loss.item())
+        opt_ref.step()
+        opt.step()
+        opt_ref.zero_grad()
+        opt.zero_grad()
+        full = _full_params(model, flavour)
+        assert set(full) == set(dict(ref.named_parameters())), sorted(full)
+        for name, p_ref in ref.named_parameters():
+            torch.testing.assert_close(
+                full[name], p_ref.detach(), atol=1e-5, rtol=1e-4, msg=lambda m: f"step {step} {name}: {m}"
+            )
+    return {"losses": losses, "params": len(full)}
+
+
+TRAIN_CASES = [
+    ("mlp", "fsdp1", "sgd", 1),
+    ("deep", "fsdp1", "adam", 2),
+    ("mlp", "fsdp2", "adam", 1),
+    ("deep", "fsdp2", "sgd", 2),
+    ("deep", "fsdp2_blocks", "adam", 1),
+]
+
+
+@pytest.mark.parametrize("kind,flavour,opt_name,micro", TRAIN_CASES)
+def test_2d_trains_like_one_process(pools, kind, flavour, opt_name, micro):
+    results = pools(WORLD).run(_train_body, kind, flavour, opt_name, micro)
+    assert all(r["params"] == len(list(BUILDERS[kind]().parameters())) for r in results)
+    assert len(results[0]["losses"]) == 3 * micro
+    # The two ranks of a TP row see the same batch; the two dp rows see different ones.
+    assert results[0]["losses"] == results[1]["losses"]
+    assert results[0]["losses"] != results[2]["losses"]
+
+
+def _state_dict_body(kind: str, flavour: str) -> dict:
+    ref, model = _build_2d(kind, flavour, seed=0)
+    x, target = _batch(0)
+    dp_rank = _mesh2d().get_local_rank("dp")
+    F.mse_loss(model(x.chunk(2)[dp_rank]), target.chunk(2)[dp_rank]).backward()
+    F.mse_loss(ref(x), target).backward()
+    for opt in (torch.optim.SGD(ref.parameters(), lr=0.5), torch.optim.SGD(model.parameters(), lr=0.5)):
+        opt.step()  # trained weights, so that loading is not confused with the initial ones
+    sharded = get_model_state_dict(model)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    expected = {n: p.detach() for n, p in ref.named_parameters()}
+    assert set(sharded) == set(full) == set(expected)
+    for name, value in sharded.items():
+        assert isinstance(value, DTensor) and value.device_mesh.mesh.tolist() == [[0, 1], [2, 3]], name
+        torch.testing.assert_close(value.full_tensor(), expected[name], msg=f"sharded {name}")
+        torch.testing.assert_close(full[name], expected[name], msg=f"full {name}")
+
+    probe = torch.randn(5, 16, generator=torch.Generator().manual_seed(7))
+    want = ref(probe)
+    loaded = {}
+    for label, state, options in [
+        ("sharded", sharded, None),
+        ("full", full, StateDictOptions(full_state_dict=True)),
+    ]:
+        _, fresh = _build_2d(kind, flavour, seed=1)
+        assert not torch.allclose(fresh(probe), want), "a fresh model should differ before loading"
+        set_model_state_dict(fresh, copy.deepcopy(state), options=options or StateDictOptions())
+        torch.testing.assert_close(fresh(probe), want, msg=f"{label} round trip")
+        # The loaded model keeps training like the reference.
+        F.mse_loss(fresh(probe), torch.zeros_like(want)).backward()
+        grads = _full_grads(fresh, flavour)
+        loaded[label] = sorted(grads)
+    return loaded
+
+
+def _full_grads(model: nn.Module, flavour: str) -> dict[str, torch.Tensor]:
+    if flavour == "fsdp1":
+        with FSDP.summon_full_params(model, with_grads=True):
+            return {n: _global(p.grad) for n, p in model.named_parameters()}
+    return {n: _global(p.grad) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("flavour", ["fsdp1", "fsdp2"])
+def test_state_dict_round_trip(pools, flavour):
+    for loaded in pools(WORLD).run(_state_dict_body, "deep", flavour):
+        assert loaded["sharded"] == loaded["full"] and len(loaded["full"]) == 8
+
+
+def _mesh_dim_body() -> dict:
+    mesh = _mesh2d()
+    probe = torch.randn(4, 16, generator=torch.Generator().manual_seed(3))
+    seen = {}
+    for dim in (0, 1, -1):
+        torch.manual_seed(0)
+        ref = MLP()
+        model = parallelize_module(copy.deepcopy(ref), mesh, PairwiseParallel(), tp_mesh_dim=dim)
+        for p in model.parameters():
+            assert isinstance(p, DTensor) and p.device_mesh.ndim == 1
+        seen[dim] = model.net1.weight.device_mesh.mesh.tolist()
+        torch.testing.assert_close(model(probe), ref(probe), msg=f"tp_mesh_dim={dim}")
+    for dp_dim, tp_dim in [("dp", "tp"), ("tp", "dp")]:
+        torch.manual_seed(0)
+        ref = MLP()
+        model = parallelize_2d(copy.deepcopy(ref), mesh, PairwiseParallel(), dp_dim=dp_dim, tp_dim=tp_dim)
+        weight = model.net1.weight
+        assert weight.device_mesh.ndim == 2 and weight.placements[-1] == Shard(0), weight.placements
+        seen[f"2d-{tp_dim}"] = weight.device_mesh.mesh.tolist()
+        torch.testing.assert_close(model(probe), ref(probe), msg=f"parallelize_2d tp_dim={tp_dim}")
+        torch.testing.assert_close(weight.full_tensor(), ref.net1.weight.detach())
+    for bad in [{"dp_dim": "x"}, {"tp_dim": "dp"}]:
+        with pytest.raises(ValueError, match="dp_dim|tp_dim|dimension names"):
+            parallelize_2d(MLP(), mesh, PairwiseParallel(), **bad)
+    with pytest.raises(ValueError, match="dimension names"):
+        parallelize_2d(MLP(), mesh["tp"], PairwiseParallel())
+    return seen
+
+
+def test_tp_mesh_dim_picks_rows_or_columns(pools):
+    for rank, seen in enumerate(pools(WORLD).run(_mesh_dim_body)):
+        row = [2 * (rank // 2), 2 * (rank // 2) + 1]
+        column = [rank % 2, rank % 2 + 2]
+        assert seen[1] == seen[-1] == row, (rank, seen)
+        assert seen[0] == column, (rank, seen)
+        assert seen["2d-tp"] == [[0, 1], [2, 3]]  # FSDP2 params live on the whole 2-D mesh
+        assert seen["2d-dp"] == [[0, 2], [1, 3]]  # ... laid out (dp, tp), here TP on columns
+
+
+def test_enable_2d_with_fsdp_checks_only():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert enable_2d_with_fsdp() is True
+        assert enable_2d_with_fsdp() is True  # idempotent
+
+
+def test_enable_2d_with_fsdp_warns_when_machinery_is_missing(monkeypatch):
+    import torch.distributed.fsdp._fsdp_extensions as ext
+
+    monkeypatch.delattr(ext, "FSDPExtensions")
+    with pytest.warns(UserWarning, match="2D parallelism won't work with FSDP"):
+        assert enable_2d_with_fsdp() is False
