@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.debug import CommDebugMode
 
 from shardwise import (
     PairwiseParallel,
@@ -44,7 +45,7 @@ def make_masks(kind: str, batch: int = N, length: int = L) -> dict[str, torch.Te
     pad[0, 3:] = True
     gen = torch.Generator().manual_seed(7)
     noise = torch.randn(batch * H, length, length, generator=gen)
-    as_float = lambda m: torch.zeros(m.shape).masked_fill(m, float("-inf"))  # noqa: E731
+    as_float = lambda m: torch.zeros(m.shape).masked_fill(m, float("-inf"))
     return {
         "none": {},
         "causal_bool": {"attn_mask": causal},
@@ -53,7 +54,7 @@ def make_masks(kind: str, batch: int = N, length: int = L) -> dict[str, torch.Te
         "3d_bool": {"attn_mask": causal.expand(batch * H, -1, -1).clone()},
         "pad_bool": {"key_padding_mask": pad},
         "pad_float": {"key_padding_mask": as_float(pad)},
-        "both": {"attn_mask": noise, "key_padding_mask": pad},
+        "both": {"attn_mask": noise, "key_padding_mask": as_float(pad)},
     }[kind]
 
 
@@ -63,7 +64,16 @@ def layout(x: torch.Tensor, batch_first: bool) -> torch.Tensor:
 
 
 # -- (1) single process: TPMA after copy() equals nn.MultiheadAttention -------------------------
-MASKS = ["none", "causal_bool", "causal_float", "3d_float", "3d_bool", "pad_bool", "pad_float", "both"]
+MASKS = [
+    "none",
+    "causal_bool",
+    "causal_float",
+    "3d_float",
+    "3d_bool",
+    "pad_bool",
+    "pad_float",
+    "both",
+]
 
 
 @pytest.mark.parametrize("tp_size", [1, 2, 4])
@@ -101,7 +111,7 @@ def test_unbatched_and_no_bias(need_weights):
     assert tpma.qkv.bias is None and tpma.proj.bias is None
     x = torch.randn(L, E)
     mask = torch.ones(L, L, dtype=torch.bool).triu(1)
-    kwargs = dict(need_weights=need_weights, attn_mask=mask, average_attn_weights=False)
+    kwargs = {"need_weights": need_weights, "attn_mask": mask, "average_attn_weights": False}
     out_ref, w_ref = mha(x, x, x, **kwargs)
     out_tp, w_tp = tpma(x, x, x, **kwargs)
     torch.testing.assert_close(out_tp, out_ref)
@@ -133,6 +143,17 @@ def test_carries_config_dtype_device():
     assert {(p.device.type, p.dtype) for p in meta.parameters()} == {("meta", torch.float16)}
 
 
+def test_inside_encoder_layer_eval():
+    """Swapped into nn.TransformerEncoderLayer, the inference fast-path check falls back cleanly."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, H, 2 * E, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(N, L, E)
+    with torch.no_grad():
+        ref = layer(x)  # fast path
+        layer.self_attn = make_tpma_from(layer.self_attn)
+        torch.testing.assert_close(layer(x), ref)
+
+
 def test_constructor_and_forward_errors():
     expect_raises(ValueError, TPMA, 24, 6, tp_size=4, match="divisible")
     expect_raises(ValueError, TPMA, 18, 4, match="divisible")
@@ -145,10 +166,17 @@ def test_constructor_and_forward_errors():
     expect_raises(RuntimeError, tpma, x, x, x, attn_mask=torch.zeros(3, 3), match="attn_mask")
     expect_raises(NotImplementedError, tpma.copy, nn.MultiheadAttention(E, H, add_bias_kv=True))
     expect_raises(ValueError, tpma.copy, nn.MultiheadAttention(E, 2))
-    expect_raises(ValueError, check_attention, nn.MultiheadAttention(24, 6), "blk.attn", 4,
-                  match="blk.attn.*num_heads=6.*divisible.*4")
-    expect_raises(NotImplementedError, check_attention,
-                  nn.MultiheadAttention(E, H, kdim=8, vdim=8), "attn", 2)
+    expect_raises(
+        ValueError,
+        check_attention,
+        nn.MultiheadAttention(24, 6),
+        "blk.attn",
+        4,
+        match="blk.attn.*num_heads=6.*divisible.*4",
+    )
+    expect_raises(
+        NotImplementedError, check_attention, nn.MultiheadAttention(E, H, kdim=8, vdim=8), "attn", 2
+    )
     check_attention(nn.MultiheadAttention(24, 6), "attn", 2)
 
 
@@ -160,7 +188,9 @@ def _mha_builder(batch_first: bool = False, **kwargs: object):
 def _pairwise_parity(world: int, batch_first: bool, masks: str, need_weights: bool) -> dict:
     kwargs = dict(make_masks(masks), need_weights=need_weights)
     report = check_parity(
-        _mha_builder(batch_first), PairwiseParallel(), mesh_of(world),
+        _mha_builder(batch_first),
+        PairwiseParallel(),
+        mesh_of(world),
         lambda step: layout(torch.randn(N, L, E), batch_first),
         call=lambda m, x: m(x, x, x, **kwargs),
     )
@@ -170,8 +200,11 @@ def _pairwise_parity(world: int, batch_first: bool, masks: str, need_weights: bo
 def _cross_parity(world: int) -> dict:
     mem = torch.randn(5, N, E, generator=torch.Generator().manual_seed(3))
     report = check_parity(
-        lambda: TPMA(E, H, self_attention=False), PairwiseParallel(), mesh_of(world),
-        lambda step: torch.randn(L, N, E), call=lambda m, x: m(x, mem, mem),
+        lambda: TPMA(E, H, self_attention=False),
+        PairwiseParallel(),
+        mesh_of(world),
+        lambda step: torch.randn(L, N, E),
+        call=lambda m, x: m(x, mem, mem),
     )
     return vars(report)
 
@@ -179,8 +212,12 @@ def _cross_parity(world: int) -> dict:
 def _sequence_parity(world: int, need_weights: bool) -> dict:
     mask = make_masks("3d_float")
     report = check_parity(
-        _mha_builder(), SequenceParallel(), mesh_of(world), lambda step: torch.randn(L, N, E),
-        sequence_dim=0, call=lambda m, x: m(x, x, x, need_weights=need_weights, **mask),
+        _mha_builder(),
+        SequenceParallel(),
+        mesh_of(world),
+        lambda step: torch.randn(L, N, E),
+        sequence_dim=0,
+        call=lambda m, x: m(x, x, x, need_weights=need_weights, **mask),
     )
     return vars(report)
 
@@ -188,11 +225,12 @@ def _sequence_parity(world: int, need_weights: bool) -> dict:
 def _swap_equals_mha(world: int, sequence: bool) -> list[str]:
     """parallelize_module on nn.MultiheadAttention returns a TPMA with mha's numbers."""
     torch.manual_seed(0)
-    mha = nn.MultiheadAttention(E, H, batch_first=True)
-    x = torch.randn(N, L, E)
+    batch_first = not sequence  # SequenceParallel shards dim 0: the sequence when [L, N, E]
+    mha = nn.MultiheadAttention(E, H, batch_first=batch_first)
+    x = layout(torch.randn(N, L, E), batch_first)
     style = SequenceParallel() if sequence else PairwiseParallel()
     tpma = parallelize_module(mha, mesh_of(world), style)
-    assert type(tpma) is TPMA and tpma.batch_first
+    assert type(tpma) is TPMA and tpma.batch_first == batch_first
     assert tpma.qkv.weight.placements == (Shard(0),) and tpma.qkv.bias.placements == (Shard(0),)
     assert tpma.proj.weight.placements == (Shard(1),)
     assert tpma.proj.bias.placements == (Replicate(),)
@@ -212,6 +250,19 @@ def _swap_equals_mha(world: int, sequence: bool) -> list[str]:
         torch.testing.assert_close(x_tp.grad, mine(x_ref.grad))
         checked.append(f"{masks}/{average}")
     return checked
+
+
+def _comm_counts(world: int, sequence: bool, need_weights: bool) -> tuple[dict, dict]:
+    """Collectives in one forward and one backward (local hot path: no DTensor redistributes)."""
+    style = SequenceParallel() if sequence else PairwiseParallel()
+    tpma = parallelize_module(nn.MultiheadAttention(E, H), mesh_of(world), style)
+    x = torch.randn(L // world if sequence else L, N, E, requires_grad=True)
+    with CommDebugMode() as fwd:
+        out, _ = tpma(x, x, x, need_weights=need_weights)
+    with CommDebugMode() as bwd:
+        out.sum().backward()
+    names = lambda mode: {str(k): v for k, v in mode.get_comm_counts().items()}
+    return names(fwd), names(bwd)
 
 
 class _Block(nn.Module):
@@ -251,19 +302,44 @@ def _nested_and_custom_style(world: int) -> bool:
 def _errors_on_every_rank(world: int) -> list[str]:
     mesh = mesh_of(world)
     msgs = [
-        expect_raises(ValueError, parallelize_module, nn.MultiheadAttention(24, 6), mesh,
-                      PairwiseParallel(), match="divisible"),
-        expect_raises(NotImplementedError, parallelize_module,
-                      nn.MultiheadAttention(E, H, add_bias_kv=True), mesh, PairwiseParallel(),
-                      match="add_bias_kv"),
-        expect_raises(NotImplementedError, parallelize_module,
-                      nn.MultiheadAttention(E, H, add_zero_attn=True), mesh, SequenceParallel()),
-        expect_raises(ValueError, parallelize_module, TPMA(24, 6), mesh, PairwiseParallel(),
-                      match="divisible"),
+        expect_raises(
+            ValueError,
+            parallelize_module,
+            nn.MultiheadAttention(24, 6),
+            mesh,
+            PairwiseParallel(),
+            match="divisible",
+        ),
+        expect_raises(
+            NotImplementedError,
+            parallelize_module,
+            nn.MultiheadAttention(E, H, add_bias_kv=True),
+            mesh,
+            PairwiseParallel(),
+            match="add_bias_kv",
+        ),
+        expect_raises(
+            NotImplementedError,
+            parallelize_module,
+            nn.MultiheadAttention(E, H, add_zero_attn=True),
+            mesh,
+            SequenceParallel(),
+        ),
+        expect_raises(
+            ValueError, parallelize_module, TPMA(24, 6), mesh, PairwiseParallel(), match="divisible"
+        ),
     ]
-    tpma = parallelize_module(TPMA(E, H), mesh_of(2), PairwiseParallel())
-    msgs.append(expect_raises(RuntimeError, parallelize_module, tpma, mesh_of(2),
-                              PairwiseParallel(), match="already parallelized"))
+    tpma = parallelize_module(TPMA(E, H), mesh, PairwiseParallel())
+    msgs.append(
+        expect_raises(
+            RuntimeError,
+            parallelize_module,
+            tpma,
+            mesh,
+            PairwiseParallel(),
+            match="already parallelized",
+        )
+    )
     return msgs
 
 
@@ -303,6 +379,23 @@ def test_swap_equals_mha(pools, world, sequence):
 @pytest.mark.parametrize("world", [2, 4])
 def test_nested_swap_and_custom_style(pools, world):
     assert all(pools(world).run(_nested_and_custom_style, world))
+
+
+AR, AG, RS = "c10d.allreduce_", "c10d._allgather_base_", "c10d._reduce_scatter_base_"
+
+
+@pytest.mark.parametrize(
+    "sequence,need_weights,forward,backward",
+    [
+        (False, False, {AR: 1}, {AR: 1}),  # g out; f's all-reduce of the input gradient
+        (False, True, {AR: 2}, {AR: 1}),  # + the head-average of the weights
+        (True, False, {AG: 1, RS: 1}, {AG: 1, RS: 1}),
+        (True, True, {AG: 1, AR: 1, RS: 1}, {AG: 1, RS: 1}),
+    ],
+)
+def test_comm_counts(pools, sequence, need_weights, forward, backward):
+    for fwd, bwd in pools(2).run(_comm_counts, 2, sequence, need_weights):
+        assert (fwd, bwd) == (forward, backward)
 
 
 def test_errors_on_every_rank(pools):

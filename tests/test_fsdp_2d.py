@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from models import MLP, DeepMLP
 from shardwise import PairwiseParallel, enable_2d_with_fsdp, parallelize_module
@@ -29,7 +29,7 @@ from shardwise.fsdp import parallelize_2d
 from shardwise.testing import mesh_of
 
 WORLD = 4
-BATCH = 3  # rows per dp rank
+BATCH = 4  # rows per dp rank
 BUILDERS = {"mlp": MLP, "deep": DeepMLP}
 OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
@@ -45,7 +45,11 @@ def _wrap(model: nn.Module, flavour: str) -> nn.Module:
     mesh = _mesh2d()
     if flavour == "fsdp1":
         assert enable_2d_with_fsdp()
-        return FSDP(model, device_mesh=mesh["dp"], use_orig_params=True, device_id=torch.device("cpu"))
+        cpu = torch.device("cpu")
+        wrapped = FSDP(model, device_mesh=mesh["dp"], use_orig_params=True, device_id=cpu)
+        # Given a mesh sliced from a larger one, FSDP1 builds its own DTensor extension.
+        assert wrapped._fsdp_extension is not None
+        return wrapped
     if flavour == "fsdp2_blocks":  # per-layer units: reshard after forward, re-gather in backward
         for child in model.children():
             fully_shard(child, mesh=mesh["dp"])
@@ -89,13 +93,13 @@ def _train_body(kind: str, flavour: str, opt_name: str, micro: int, steps: int =
         # The reference loss is the mean over the global batch, written as the mean of
         # the 2 * micro equal pieces so that each rank can compare its own pieces.
         pieces = list(zip(x.chunk(2 * micro), target.chunk(2 * micro)))
-        ref_losses = [F.mse_loss(ref(xp), tp) for xp, tp in pieces]
+        ref_losses = [F.mse_loss(ref(xp), yp) for xp, yp in pieces]
         torch.stack(ref_losses).mean().backward()
         for m in range(micro):  # gradient accumulation over this rank's micro-batches
             k = dp_rank * micro + m
             loss = F.mse_loss(model(pieces[k][0]), pieces[k][1])
             (loss / micro).backward()
-            torch.testing.assert_close(loss.detach(), ref_losses[k].detach(), msg=f"step {step} loss {k}")
+            torch.testing.assert_close(loss.detach(), ref_losses[k].detach(), msg=f"step {step}")
             losses.append(loss.item())
         opt_ref.step()
         opt.step()
@@ -105,7 +109,7 @@ def _train_body(kind: str, flavour: str, opt_name: str, micro: int, steps: int =
         assert set(full) == set(dict(ref.named_parameters())), sorted(full)
         for name, p_ref in ref.named_parameters():
             torch.testing.assert_close(
-                full[name], p_ref.detach(), atol=1e-5, rtol=1e-4, msg=lambda m: f"step {step} {name}: {m}"
+                full[name], p_ref.detach(), atol=1e-5, rtol=1e-4, msg=f"step {step} param {name}"
             )
     return {"losses": losses, "params": len(full)}
 
@@ -135,33 +139,53 @@ def _state_dict_body(kind: str, flavour: str) -> dict:
     dp_rank = _mesh2d().get_local_rank("dp")
     F.mse_loss(model(x.chunk(2)[dp_rank]), target.chunk(2)[dp_rank]).backward()
     F.mse_loss(ref(x), target).backward()
-    for opt in (torch.optim.SGD(ref.parameters(), lr=0.5), torch.optim.SGD(model.parameters(), lr=0.5)):
-        opt.step()  # trained weights, so that loading is not confused with the initial ones
+    for m in (ref, model):  # trained weights, so that loading is not confused with the initial ones
+        torch.optim.SGD(m.parameters(), lr=0.5).step()
     sharded = get_model_state_dict(model)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     expected = {n: p.detach() for n, p in ref.named_parameters()}
     assert set(sharded) == set(full) == set(expected)
     for name, value in sharded.items():
-        assert isinstance(value, DTensor) and value.device_mesh.mesh.tolist() == [[0, 1], [2, 3]], name
+        assert isinstance(value, DTensor), name
+        assert value.device_mesh.mesh.tolist() == [[0, 1], [2, 3]], name
         torch.testing.assert_close(value.full_tensor(), expected[name], msg=f"sharded {name}")
         torch.testing.assert_close(full[name], expected[name], msg=f"full {name}")
 
     probe = torch.randn(5, 16, generator=torch.Generator().manual_seed(7))
     want = ref(probe)
+    ref.zero_grad()
+    F.mse_loss(want, torch.zeros_like(want)).backward()
+    want_grads = {n: p.grad for n, p in ref.named_parameters()}
+    want = want.detach()
     loaded = {}
     for label, state, options in [
         ("sharded", sharded, None),
         ("full", full, StateDictOptions(full_state_dict=True)),
     ]:
         _, fresh = _build_2d(kind, flavour, seed=1)
-        assert not torch.allclose(fresh(probe), want), "a fresh model should differ before loading"
+        before = get_model_state_dict(fresh, options=StateDictOptions(full_state_dict=True))
+        first = next(iter(expected))
+        assert not torch.allclose(before[first], expected[first]), "fresh == trained?"
+        if label == "full" and flavour == "fsdp1":
+            # torch 2.13 FSDP1 cannot load a *full* state dict into DTensor (TP) parameters
+            # ("mixed torch.Tensor and DTensor" in copy_, also with torch's own TP), so the
+            # full tensors are distributed like the fresh model's sharded entries first.
+            state = _like_sharded(state, get_model_state_dict(fresh))
+            options = None
         set_model_state_dict(fresh, copy.deepcopy(state), options=options or StateDictOptions())
-        torch.testing.assert_close(fresh(probe), want, msg=f"{label} round trip")
-        # The loaded model keeps training like the reference.
-        F.mse_loss(fresh(probe), torch.zeros_like(want)).backward()
+        out = fresh(probe)
+        torch.testing.assert_close(out, want, msg=f"{label} round trip")
+        F.mse_loss(out, torch.zeros_like(want)).backward()  # ... and trains like the reference
         grads = _full_grads(fresh, flavour)
+        assert set(grads) == set(want_grads)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, want_grads[name], msg=f"{label} grad {name}")
         loaded[label] = sorted(grads)
     return loaded
+
+
+def _like_sharded(full: dict, template: dict) -> dict:
+    return {k: distribute_tensor(full[k], v.device_mesh, v.placements) for k, v in template.items()}
 
 
 def _full_grads(model: nn.Module, flavour: str) -> dict[str, torch.Tensor]:
@@ -192,9 +216,12 @@ def _mesh_dim_body() -> dict:
     for dp_dim, tp_dim in [("dp", "tp"), ("tp", "dp")]:
         torch.manual_seed(0)
         ref = MLP()
-        model = parallelize_2d(copy.deepcopy(ref), mesh, PairwiseParallel(), dp_dim=dp_dim, tp_dim=tp_dim)
+        model = parallelize_2d(
+            copy.deepcopy(ref), mesh, PairwiseParallel(), dp_dim=dp_dim, tp_dim=tp_dim
+        )
         weight = model.net1.weight
         assert weight.device_mesh.ndim == 2 and weight.placements[-1] == Shard(0), weight.placements
+        assert weight.device_mesh.mesh_dim_names == (dp_dim, tp_dim)
         seen[f"2d-{tp_dim}"] = weight.device_mesh.mesh.tolist()
         torch.testing.assert_close(model(probe), ref(probe), msg=f"parallelize_2d tp_dim={tp_dim}")
         torch.testing.assert_close(weight.full_tensor(), ref.net1.weight.detach())

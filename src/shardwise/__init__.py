@@ -9,7 +9,9 @@ Example::
 """
 
 from .api import parallelize_module
+from .clip_grad import clip_grad_norm_
 from .fsdp import enable_2d_with_fsdp
+from .loss import vocab_parallel_cross_entropy
 from .multihead_attention_tp import TensorParallelMultiheadAttention
 from .style import (
     ColwiseParallel,
@@ -39,6 +41,8 @@ __all__ = [
     "SequenceParallel",
     "TensorParallelMultiheadAttention",
     "enable_2d_with_fsdp",
+    "vocab_parallel_cross_entropy",
+    "clip_grad_norm_",
     "make_input_replicate_1d",
     "make_input_reshard_replicate",
     "make_input_shard_1d",

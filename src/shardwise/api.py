@@ -28,6 +28,7 @@ from .multihead_attention_tp import (
     parallelize_attention,
 )
 from .pairwise import is_mlp, is_transformer_layer, plan_mlp, shard_sequence_io
+from .sequence_norm import check_norm, is_norm, shard_norm
 from .sharded_linear import Role, check_linear, shard_linear
 from .style import ColwiseParallel, PairwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel
 
@@ -77,6 +78,12 @@ class _Planner:
                 _Step(fqn, module, lambda: shard_linear(
                     linear, mesh, role, style._prepare_input, style._prepare_output))  # type: ignore[arg-type]
             )
+            return 1
+        if isinstance(style, SequenceParallel) and is_norm(module):
+            check_norm(module, fqn)
+            self.claim(module, fqn)
+            norm, mesh = module, self.mesh
+            self.steps.append(_Step(fqn, module, lambda: shard_norm(norm, mesh)))
             return 1
         if isinstance(module, ATTENTION_TYPES):
             check_attention(module, fqn, self.world)

@@ -107,7 +107,8 @@ class _CopyToRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         ctx.group = group
-        return x.view_as(x)
+        # An alias, not a view: the result must not keep ``x`` alive (see sharded_linear).
+        return x.detach()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:

@@ -17,12 +17,17 @@ Example::
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
 from torch.distributed.tensor import DTensor
 
 __all__ = ["install_local_leaf", "local_param"]
 
 _OWNER = "_shardwise_owner"
+_SUM_OVER = "_shardwise_sum_over"
 
 
 def _move_grad_to_owner(local: torch.Tensor) -> None:
@@ -30,24 +35,31 @@ def _move_grad_to_owner(local: torch.Tensor) -> None:
     grad, local.grad = local.grad, None
     if owner is None or grad is None:
         return
+    group = getattr(local, _SUM_OVER, None)
+    if group is not None:
+        # A replicated parameter used on sharded activations: each rank holds a partial sum.
+        dist.all_reduce(grad, group=group)
     if owner.grad is None:
         owner.grad = DTensor(grad, owner._spec, requires_grad=False)  # type: ignore[call-arg]
     else:
         owner.grad._local_tensor.add_(grad)
 
 
-def install_local_leaf(param: torch.nn.Parameter) -> None:
+def install_local_leaf(param: torch.nn.Parameter, sum_grads_over: ProcessGroup | None = None) -> None:
     """Make ``param``'s local tensor a gradient-tracking leaf owned by ``param``.
+
+    With ``sum_grads_over``, each gradient is all-reduced over that group before it is
+    handed to ``param.grad`` (replicated weights applied to sequence-sharded inputs).
 
     Example::
 
         >>> install_local_leaf(linear.weight)
+        >>> install_local_leaf(layer_norm.weight, sum_grads_over=mesh.get_group())
     """
-    import weakref
-
     local = param._local_tensor
     local.requires_grad_(True)
     setattr(local, _OWNER, weakref.ref(param))
+    setattr(local, _SUM_OVER, sum_grads_over)
     local.register_post_accumulate_grad_hook(_move_grad_to_owner)
 
 

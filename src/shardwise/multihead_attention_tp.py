@@ -36,7 +36,7 @@ from .layouts import (
     make_output_tensor,
     make_sharded_output_tensor,
 )
-from .sharded_linear import check_linear, shard_linear
+from .sharded_linear import Role, check_linear, shard_linear
 
 __all__ = ["TensorParallelMultiheadAttention", "check_attention", "parallelize_attention"]
 
@@ -49,7 +49,9 @@ def _unsupported(add_bias_kv: bool, add_zero_attn: bool, same_dims: bool, name: 
     ]
     for feature, on in features:
         if on:
-            raise NotImplementedError(f"{name}: tensor-parallel attention does not support {feature}.")
+            raise NotImplementedError(
+                f"{name}: tensor-parallel attention does not support {feature}."
+            )
 
 
 def _check_heads(embed_dim: int, num_heads: int, tp_size: int, name: str) -> None:
@@ -67,7 +69,9 @@ def _check_heads(embed_dim: int, num_heads: int, tp_size: int, name: str) -> Non
 def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """A mask as something to add to the scores: bool ``True`` means "not allowed"."""
     if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, -math.inf)
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+            mask, -math.inf
+        )
     if not mask.is_floating_point():
         raise TypeError(f"attention masks must be bool or floating point, got {mask.dtype}")
     return mask.to(dtype)
@@ -193,7 +197,9 @@ class TensorParallelMultiheadAttention(nn.Module):
         """
         name = type(self).__name__
         if not isinstance(that, nn.MultiheadAttention):
-            raise TypeError(f"{name}.copy expects an nn.MultiheadAttention, got {type(that).__name__}")
+            raise TypeError(
+                f"{name}.copy expects an nn.MultiheadAttention, got {type(that).__name__}"
+            )
         _unsupported(that.bias_k is not None, that.add_zero_attn, that._qkv_same_embed_dim, name)
         if (that.embed_dim, that.num_heads) != (self.embed_dim, self.num_heads):
             raise ValueError(
@@ -242,7 +248,9 @@ class TensorParallelMultiheadAttention(nn.Module):
         key = query if key is None else key
         value = key if value is None else value
         if query.dim() not in (2, 3):
-            raise ValueError(f"query must be 2-D (unbatched) or 3-D, got shape {tuple(query.shape)}")
+            raise ValueError(
+                f"query must be 2-D (unbatched) or 3-D, got shape {tuple(query.shape)}"
+            )
         if is_causal and attn_mask is None:
             raise RuntimeError("Need attn_mask if specifying the is_causal hint.")
         unbatched = query.dim() == 2
@@ -304,7 +312,7 @@ class TensorParallelMultiheadAttention(nn.Module):
             y = y.unsqueeze(0)  # [1, L, ...]
         elif not self.batch_first:
             y = y.transpose(0, 1)  # [N, L, ...]
-        y = y.unflatten(-1, (-1, parts, self.head_dim))  # [N, L, H/W, parts, hd]
+        y = y.reshape(*y.shape[:-1], -1, parts, self.head_dim)  # [N, L, H/W, parts, hd]
         return [y[..., i, :].transpose(1, 2) for i in range(parts)]
 
     def _merge_heads(self, ctx: Tensor, unbatched: bool) -> Tensor:
@@ -326,11 +334,9 @@ class TensorParallelMultiheadAttention(nn.Module):
         mask = None
         if attn_mask is not None:
             m = _additive(attn_mask, q.dtype)
-            if m.dim() == 2 and m.shape == (tgt, src):
+            if m.shape in ((tgt, src), (1, tgt, src)):
                 mask = m.view(1, 1, tgt, src)
-            elif m.dim() == 3 and m.shape == (1, tgt, src):
-                mask = m.view(1, 1, tgt, src)
-            elif m.dim() == 3 and m.shape == (n * self.num_heads, tgt, src):
+            elif m.shape == (n * self.num_heads, tgt, src):
                 first = rank * local_heads  # this rank holds heads [first, first + H/W)
                 mask = m.view(n, self.num_heads, tgt, src)[:, first : first + local_heads]
             else:
@@ -385,7 +391,7 @@ def check_attention(module: nn.Module, fqn: str, world: int) -> None:
     prefix = f"{fqn}." if fqn else ""
     for child, linear in module.named_children():
         if isinstance(linear, nn.Linear):
-            role = "rowwise" if child == "proj" else "colwise"
+            role: Role = "rowwise" if child == "proj" else "colwise"
             check_linear(linear, prefix + child, role, world)  # also: not parallelized twice
 
 

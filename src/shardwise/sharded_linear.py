@@ -13,6 +13,8 @@ Example::
 from __future__ import annotations
 
 import types
+import weakref
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -108,6 +110,54 @@ class _AddBiasOnce(torch.autograd.Function):
         return grad, grad.reshape(-1, grad.shape[-1]).sum(0), None
 
 
+_SHARED: dict[tuple[Any, ...], torch.Tensor] = {}
+
+
+def _shared_entry(
+    kind: str, x: torch.Tensor, group: Any, dim: int, make: Callable[[], torch.Tensor]
+) -> torch.Tensor:
+    """Run an input collective once per (tensor, group), however many layers consume it.
+
+    q, k and v projections (or a gate and an up projection) read the same activation.
+    Giving them one shared entry tensor means one all-gather in forward, and autograd
+    sums their gradients before the entry's backward runs, so one all-reduce or
+    reduce-scatter in backward, as in Megatron's fused QKV.
+
+    An entry lives exactly as long as its source tensor: it is dropped by a finalizer
+    when the source is freed (entries never reference their source, so this happens
+    when the model's forward lets go of it).
+    """
+    if kind == "f" and not (torch.is_grad_enabled() and x.requires_grad):
+        return x  # no gradient will flow back: the identity needs no collective either
+    source = _alias_source(x)
+    key = (kind, id(source), source._version, id(group), dim, torch.is_grad_enabled())
+    entry = _SHARED.get(key)
+    if entry is None:
+        entry = make()
+        _SHARED[key] = entry
+        weakref.finalize(source, _SHARED.pop, key, None)
+    return entry
+
+
+def _alias_source(x: torch.Tensor) -> torch.Tensor:
+    """The tensor ``x`` aliases whole, if it is such a view, else ``x``.
+
+    Module backward hooks (``register_full_backward_hook``, and tools built on them such
+    as CommDebugMode) hand each module an identity view of its input; q, k and v then
+    receive three different objects for one activation.
+    """
+    base = x._base
+    if (
+        base is not None
+        and base.shape == x.shape
+        and base.stride() == x.stride()
+        and base.storage_offset() == x.storage_offset()
+        and base.dtype == x.dtype
+    ):
+        return base
+    return x
+
+
 class ShardedLinearForward:
     """The forward installed on a parallelized ``nn.Linear`` (bound to it as a method)."""
 
@@ -146,10 +196,13 @@ class ShardedLinearForward:
         if fn is None:
             return x
         if isinstance(x, torch.Tensor) and not isinstance(x, DTensor):
+            group = self.group
             if fn is make_input_replicate_1d:
-                return C.copy_to_region(x, self.group)
+                return _shared_entry("f", x, group, 0, lambda: C.copy_to_region(x, group))
             if fn is make_input_reshard_replicate or fn is make_input_shard_1d:
-                return C.gather_from_sequence_region(x, self.group, 0)
+                return _shared_entry(
+                    "ag", x, group, 0, lambda: C.gather_from_sequence_region(x, group, 0)
+                )
         dt = fn(x, self.mesh)
         # Column-parallel compute leaves a partial input gradient: say so, and DTensor sums it.
         return dt.redistribute(self.mesh, [Replicate()]).to_local(grad_placements=[Partial()])

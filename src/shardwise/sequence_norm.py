@@ -1,0 +1,85 @@
+"""Norms on sequence-sharded activations (the "SP region" of Megatron's sequence parallelism).
+
+Between a row-parallel layer that reduce-scatters onto the sequence dimension and the
+next column-parallel layer that all-gathers it, LayerNorm/RMSNorm run on this rank's
+sequence shard. Their weights are replicated (``Replicate`` DTensors), but each rank
+sees only its tokens, so each rank's weight gradient is a partial sum: it is all-reduced
+over the TP group before it reaches ``param.grad``. Forgetting that sum is the classic
+silent sequence-parallel bug; here it cannot be forgotten.
+
+Example::
+
+    >>> parallelize_module(block, mesh, {"ln1": SequenceParallel(), "ln2": SequenceParallel()})
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+
+from .local_params import install_local_leaf, local_param
+
+__all__ = ["NORM_TYPES", "is_norm", "check_norm", "shard_norm"]
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm,) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a norm that :func:`shard_norm` supports (LayerNorm, RMSNorm).
+
+    Example::
+
+        >>> is_norm(nn.LayerNorm(8))
+        True
+    """
+    return isinstance(module, NORM_TYPES)
+
+
+def check_norm(module: nn.Module, fqn: str) -> None:
+    """Raise (no communication) if ``module`` cannot run sequence-parallel.
+
+    Example::
+
+        >>> check_norm(nn.LayerNorm(8), "ln1")
+    """
+    name = fqn or type(module).__name__
+    if any(isinstance(p, DTensor) for p in module.parameters(recurse=False)):
+        raise RuntimeError(f"'{name}' is already parallelized (its weight is a DTensor).")
+
+
+def _layer_norm_forward(module: nn.LayerNorm, x: Any, *args: Any, **kwargs: Any) -> Any:
+    return F.layer_norm(
+        x, module.normalized_shape, local_param(module.weight), local_param(module.bias), module.eps
+    )
+
+
+def _rms_norm_forward(module: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
+    return F.rms_norm(x, module.normalized_shape, local_param(module.weight), module.eps)
+
+
+def shard_norm(module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """Replicate ``module``'s parameters on ``mesh`` and sum their gradients over it.
+
+    Input and output are this rank's sequence shard (plain tensors); no collective runs
+    in forward; in backward one all-reduce per parameter gradient.
+
+    Example::
+
+        >>> shard_norm(block.ln1, mesh)
+    """
+    group = mesh.get_group()
+    for name, param in list(module.named_parameters(recurse=False)):
+        dt = distribute_tensor(param.detach(), mesh, [Replicate()])
+        new = nn.Parameter(dt, requires_grad=param.requires_grad)
+        module.register_parameter(name, new)
+        install_local_leaf(new, sum_grads_over=group if mesh.size() > 1 else None)
+    forward = _layer_norm_forward if isinstance(module, nn.LayerNorm) else _rms_norm_forward
+    module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
+    return module

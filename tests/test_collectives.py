@@ -1,0 +1,88 @@
+"""Exact collective counts per forward and backward, and GPT-block parity.
+
+Counts come from torch's CommDebugMode, which sees c10d and functional collectives.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributed.tensor.debug import CommDebugMode
+
+from models import MLP
+from shardwise import PairwiseParallel, SequenceParallel, parallelize_module
+from shardwise.testing import check_parity, mesh_of
+from shardwise.testing.models import GPTBlock, GPTStack, gpt_block_plan
+
+AR, AG, RS = "allreduce_", "_allgather_base_", "_reduce_scatter_base_"
+
+
+def _counts(comm: CommDebugMode) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for op, n in comm.get_comm_counts().items():
+        name = str(op).split(".")[-1]
+        out[name] = out.get(name, 0) + n
+    return out
+
+
+def _fwd_bwd_counts(model: torch.nn.Module, x: torch.Tensor) -> tuple[dict, dict]:
+    x = x.requires_grad_()
+    with CommDebugMode() as fwd:
+        y = model(x)
+    with CommDebugMode() as bwd:
+        y.sum().backward()
+    return _counts(fwd), _counts(bwd)
+
+
+def _mlp_counts(world: int, sp: bool) -> tuple[dict, dict]:
+    torch.manual_seed(0)
+    model = parallelize_module(MLP(), mesh_of(world), SequenceParallel() if sp else PairwiseParallel())
+    return _fwd_bwd_counts(model, torch.randn(8 // world if sp else 8, 2, 16))
+
+
+def _block_counts(world: int, sp: bool, depth: int) -> tuple[dict, dict]:
+    torch.manual_seed(0)
+    model = GPTStack(32, 4, depth)
+    model = parallelize_module(model, mesh_of(world), {"blocks.*": gpt_block_plan(sp)})
+    seq = 16 // world if sp else 16
+    return _fwd_bwd_counts(model, torch.randn(seq, 2, 32))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_mlp_collective_counts(pools, world):
+    fwd, bwd = pools(world).run(_mlp_counts, world, False)[0]
+    assert fwd == {AR: 1} and bwd == {AR: 1}
+    fwd, bwd = pools(world).run(_mlp_counts, world, True)[0]
+    assert fwd == {AG: 1, RS: 1} and bwd == {AG: 1, RS: 1}
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_gpt_block_collective_counts(pools, depth):
+    # One all-reduce after attention and one after the MLP in forward; in backward one
+    # for q/k/v together (they share their input) and one for the MLP's up projection.
+    fwd, bwd = pools(2).run(_block_counts, 2, False, depth)[0]
+    assert fwd == {AR: 2 * depth} and bwd == {AR: 2 * depth}
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_gpt_block_sequence_parallel_counts(pools, depth):
+    fwd, bwd = pools(2).run(_block_counts, 2, True, depth)[0]
+    assert fwd == {AG: 2 * depth, RS: 2 * depth}
+    # Backward mirrors forward; the 4 all-reduces sum the LayerNorm weight/bias gradients
+    # of the sequence-parallel norms (replicated weights, sequence-sharded activations).
+    assert bwd == {AG: 2 * depth, RS: 2 * depth, AR: 4 * depth}
+
+
+def _gpt_parity(world: int, sp: bool) -> dict:
+    report = check_parity(
+        lambda: GPTBlock(32, 4), gpt_block_plan(sp), mesh_of(world),
+        lambda step: torch.randn(8, 2, 32), sequence_dim=0 if sp else None,
+    )
+    return vars(report)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("sp", [False, True], ids=["tp", "tp+sp"])
+def test_gpt_block_parity(pools, world, sp):
+    for report in pools(world).run(_gpt_parity, world, sp):
+        assert report["steps"] == 3 and report["grads"] == 3 * 16
