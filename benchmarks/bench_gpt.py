@@ -1,0 +1,219 @@
+"""GPT-block training step: shardwise vs torch's tensor parallelism vs hand-written Megatron.
+
+Run (2 CPU processes, gloo):
+
+    torchrun --standalone --nproc_per_node=2 benchmarks/bench_gpt.py
+
+Builds the same 2-block GPT stack (separate q/k/v/o/up/down Linears, seed-style plan:
+Colwise q/k/v/up, Rowwise o/down) four ways from identical weights: shardwise, PyTorch's
+``torch.distributed.tensor.parallel`` (the peer; imported only here), a hand-written
+Megatron-style model with local shards, and an unsharded model run by each process alone
+(for the TP speedup). Steps (forward + backward + SGD) of all four are interleaved in one
+run so that machine noise hits them alike; the median step time of each is reported.
+Writes ``benchmarks/results/gpt.json`` and ``gpt.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+
+sys.path.insert(0, os.path.dirname(__file__))
+from megatron_baseline import MegatronGPTBlock, MegatronStack  # noqa: E402
+
+import shardwise  # noqa: E402
+from shardwise.testing.models import GPTStack, gpt_block_plan  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def torch_tp(model: nn.Module, mesh) -> nn.Module:  # noqa: ANN001
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    col, row = ColwiseParallel(), RowwiseParallel()
+    plan = {f"blocks.*.{n}": col for n in ("q", "k", "v", "up")}
+    plan.update({f"blocks.*.{n}": row for n in ("o", "down")})
+    return parallelize_module(model, mesh, plan)
+
+
+def make_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    # foreach=True for every variant (torch's default turns foreach off for DTensor
+    # params); one group per tensor type, since a foreach op cannot mix DTensor and Tensor.
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if isinstance(p, DTensor) is kind]} for kind in (True, False)]
+    opt = torch.optim.SGD([g for g in groups if g["params"]], lr=1e-4, foreach=True)
+
+    def step() -> None:
+        model(x).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of distinct storages autograd saves for backward in one forward."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    del out
+    return sum(seen.values())
+
+
+def bench_hidden(hidden: int, args: argparse.Namespace, mesh, group) -> dict:  # noqa: ANN001
+    world, rank = dist.get_world_size(), dist.get_rank()
+    heads = max(2, hidden // 64)
+    torch.manual_seed(0)
+    reference = GPTStack(hidden, heads, args.depth)
+    x = torch.randn(args.seq, args.batch, hidden)
+
+    variants = {
+        "shardwise": shardwise.parallelize_module(
+            copy.deepcopy(reference), mesh, {"blocks.*": gpt_block_plan()}
+        ),
+        "torch_tp": torch_tp(copy.deepcopy(reference), mesh),
+        "hand_written": MegatronStack(
+            [MegatronGPTBlock(b, group) for b in copy.deepcopy(reference).blocks]
+        ),
+        "single_process": copy.deepcopy(reference),
+    }
+    with torch.no_grad():  # sanity: all four compute the same function
+        want = reference(x)
+        for name, model in variants.items():
+            got = model(x)
+            if not torch.allclose(got, want, atol=1e-4, rtol=1e-3):
+                raise AssertionError(f"{name} disagrees with the reference at hidden={hidden}")
+    steps = {name: make_step(model, x) for name, model in variants.items()}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    iters = args.iters if hidden < 1024 else max(5, args.iters // 6)
+    for i in range(iters + args.warmup):
+        for name, step in steps.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            step()
+            elapsed = time.perf_counter() - t0
+            if i >= args.warmup:
+                times[name].append(elapsed)
+    median = {n: statistics.median(t) for n, t in times.items()}
+    # Each rank's number is its own; the slower rank bounds the step.
+    med_t = torch.tensor([median[n] for n in steps])
+    dist.all_reduce(med_t, op=dist.ReduceOp.MAX)
+    median = dict(zip(steps, med_t.tolist()))
+
+    sp_model = shardwise.parallelize_module(
+        copy.deepcopy(reference), mesh, {"blocks.*": gpt_block_plan(sequence_parallel=True)}
+    )
+    x_sp = x.chunk(world, 0)[rank].clone()
+    memory = {
+        "single_process": activation_bytes(variants["single_process"], x),
+        "shardwise_tp": activation_bytes(variants["shardwise"], x),
+        "shardwise_tp_sp": activation_bytes(sp_model, x_sp),
+    }
+    tokens = args.seq * args.batch
+    return {
+        "hidden": hidden,
+        "heads": heads,
+        "median_step_s": median,
+        "tokens_per_s": {n: tokens / t for n, t in median.items()},
+        "shardwise_over_hand_written": median["shardwise"] / median["hand_written"],
+        "shardwise_over_torch_tp": median["shardwise"] / median["torch_tp"],
+        "tp_speedup_over_one_process": median["single_process"] / median["shardwise"],
+        "activation_bytes_per_rank": memory,
+        "iters": iters,
+    }
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hs = [r["hidden"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(hs, [r["shardwise_over_hand_written"] for r in rows], "o-", label="shardwise / hand-written")
+    ax.plot(hs, [r["shardwise_over_torch_tp"] for r in rows], "s-", label="shardwise / torch TP")
+    ax.plot(hs, [r["tp_speedup_over_one_process"] for r in rows], "^-", label="TP=2 speedup vs 1 process")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("hidden size")
+    ax.set_ylabel("ratio (step time)")
+    ax.set_title("GPT block train step, 2 gloo ranks, 1 thread each")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, nargs="+", default=[64, 256, 1024, 2048])
+    parser.add_argument("--depth", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--iters", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mesh = init_device_mesh("cpu", (world,))
+    group = mesh.get_group()
+    rows = []
+    for hidden in args.hidden:
+        row = bench_hidden(hidden, args, mesh, group)
+        rows.append(row)
+        if rank == 0:
+            m = row["median_step_s"]
+            print(
+                f"hidden {hidden:5d}: shardwise {m['shardwise'] * 1e3:8.2f} ms  "
+                f"torch TP {m['torch_tp'] * 1e3:8.2f} ms  hand-written {m['hand_written'] * 1e3:8.2f} ms  "
+                f"1 process {m['single_process'] * 1e3:8.2f} ms | "
+                f"sw/hand {row['shardwise_over_hand_written']:.3f}  "
+                f"sw/torch {row['shardwise_over_torch_tp']:.3f}  "
+                f"TP speedup {row['tp_speedup_over_one_process']:.2f}  "
+                f"tokens/s {row['tokens_per_s']['shardwise']:.0f}",
+                flush=True,
+            )
+    if rank == 0:
+        args.out.mkdir(parents=True, exist_ok=True)
+        meta = {"world_size": world, "torch": torch.__version__, "depth": args.depth,
+                "batch": args.batch, "seq": args.seq, "threads_per_process": 1}
+        (args.out / "gpt.json").write_text(json.dumps({"config": meta, "rows": rows}, indent=2))
+        plot(rows, args.out / "gpt.png")
+        print("activation bytes per rank (saved for backward, one forward):")
+        for r in rows:
+            mem = r["activation_bytes_per_rank"]
+            print(f"  hidden {r['hidden']:5d}: 1 process {mem['single_process'] / 2**20:7.2f} MiB  "
+                  f"TP {mem['shardwise_tp'] / 2**20:7.2f} MiB  TP+SP {mem['shardwise_tp_sp'] / 2**20:7.2f} MiB")
+        print(f"wrote {args.out / 'gpt.json'} and {args.out / 'gpt.png'}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
