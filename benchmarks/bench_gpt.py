@@ -31,15 +31,15 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
 sys.path.insert(0, os.path.dirname(__file__))
-from megatron_baseline import MegatronGPTBlock, MegatronStack  # noqa: E402
+from megatron_baseline import MegatronGPTBlock, MegatronStack
 
-import shardwise  # noqa: E402
-from shardwise.testing.models import GPTStack, gpt_block_plan  # noqa: E402
+import shardwise
+from shardwise.testing.models import GPTStack, gpt_block_plan
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def torch_tp(model: nn.Module, mesh) -> nn.Module:  # noqa: ANN001
+def torch_tp(model: nn.Module, mesh) -> nn.Module:
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         RowwiseParallel,
@@ -84,7 +84,7 @@ def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-def bench_hidden(hidden: int, args: argparse.Namespace, mesh, group) -> dict:  # noqa: ANN001
+def bench_hidden(hidden: int, args: argparse.Namespace, mesh, group) -> dict:
     world, rank = dist.get_world_size(), dist.get_rank()
     heads = max(2, hidden // 64)
     torch.manual_seed(0)

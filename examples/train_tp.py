@@ -19,9 +19,9 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny_transformer import TinyTransformerLM  # noqa: E402
+from tiny_transformer import TinyTransformerLM
 
-import shardwise  # noqa: E402
+import shardwise
 
 
 def main() -> None:

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.debug import CommDebugMode
 
 from models import MLP, Encoder, OddMLP
-from shardwise import ColwiseParallel, PairwiseParallel, RowwiseParallel, parallelize_module
-from shardwise.testing import expect_raises, mesh_of
+from shardwise import (
+    ColwiseParallel,
+    PairwiseParallel,
+    RowwiseParallel,
+    make_output_tensor,
+    parallelize_module,
+)
+from shardwise.testing import check_parity, expect_raises, mesh_of
 
 
 def _plan_errors(world: int) -> list[str]:
@@ -40,12 +48,13 @@ def _plan_errors(world: int) -> list[str]:
                                   {"net1": ColwiseParallel(), "": PairwiseParallel()},
                                   match="two plan entries"))
         if world == 4:
-            msgs.append(expect_raises(ValueError, parallelize_module, nn.Linear(8, 6), mesh,
-                                      ColwiseParallel(), match="out_features=6.*divisible"))
-            msgs.append(expect_raises(ValueError, parallelize_module, nn.Linear(6, 8), mesh,
-                                      RowwiseParallel(), match="in_features=6.*divisible"))
-            msgs.append(expect_raises(ValueError, parallelize_module, MLP(16, 6), mesh,
-                                      PairwiseParallel(), match="net1.*divisible"))
+            # Uneven splits work (see _uneven_parity); fewer features than ranks cannot.
+            msgs.append(expect_raises(ValueError, parallelize_module, nn.Linear(8, 3), mesh,
+                                      ColwiseParallel(), match="out_features=3 over 4 ranks"))
+            msgs.append(expect_raises(ValueError, parallelize_module, nn.Linear(3, 8), mesh,
+                                      RowwiseParallel(), match="in_features=3 over 4 ranks"))
+            msgs.append(expect_raises(ValueError, parallelize_module, MLP(16, 3), mesh,
+                                      PairwiseParallel(), match="net1.*out_features=3"))
             msgs.append(expect_raises(ValueError, parallelize_module, MLP(), mesh_of(2, 2),
                                       PairwiseParallel(), tp_mesh_dim=2, match="tp_mesh_dim"))
             msgs.append(expect_raises(ValueError, parallelize_module, MLP(), mesh_of(2, 2),
@@ -58,6 +67,21 @@ def _plan_errors(world: int) -> list[str]:
         assert not isinstance(m.net1.weight, DTensor)
     assert comms.get_total_counts() == 0, comms.get_comm_counts()
     return msgs
+
+
+def _uneven_parity(world: int) -> list[dict]:
+    """What used to be "not divisible" errors: torch.chunk splits (2, 2, 2, 0 on 4 ranks)."""
+    mesh = mesh_of(world)
+    def x(dim: int) -> Callable[[int], torch.Tensor]:
+        return lambda step: torch.randn(3, dim)
+
+    reports = [
+        check_parity(lambda: nn.Linear(8, 6), ColwiseParallel(_prepare_output=make_output_tensor),
+                     mesh, x(8)),
+        check_parity(lambda: nn.Linear(6, 8), RowwiseParallel(input_layouts=Replicate()), mesh, x(6)),
+        check_parity(lambda: MLP(16, 6), PairwiseParallel(), mesh, x(16)),
+    ]
+    return [vars(r) for r in reports]
 
 
 def _already_parallel(world: int) -> str:
@@ -81,6 +105,11 @@ def test_plan_errors_raise_on_every_rank(pools, world):
     assert len(results) == world
     assert all(len(r) == len(results[0]) >= 13 for r in results)
     assert len({tuple(r) for r in results}) == 1  # the same messages on every rank
+
+
+def test_uneven_features_are_split_like_torch_chunk(pools):
+    for reports in pools(4).run(_uneven_parity, 4):
+        assert [r["steps"] for r in reports] == [3, 3, 3]
 
 
 @pytest.mark.parametrize("world", [2])

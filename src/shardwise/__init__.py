@@ -13,8 +13,10 @@ from .clip_grad import clip_grad_norm_
 from .fsdp import enable_2d_with_fsdp
 from .loss import vocab_parallel_cross_entropy
 from .multihead_attention_tp import TensorParallelMultiheadAttention
+from .prepare import PrepareModuleInput, PrepareModuleInputOutput, PrepareModuleOutput
 from .style import (
     ColwiseParallel,
+    ModuleStyle,
     PairwiseParallel,
     ParallelStyle,
     RowwiseParallel,
@@ -33,16 +35,18 @@ from .style import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "parallelize_module",
-    "ParallelStyle",
     "ColwiseParallel",
-    "RowwiseParallel",
+    "ModuleStyle",
     "PairwiseParallel",
+    "ParallelStyle",
+    "PrepareModuleInput",
+    "PrepareModuleInputOutput",
+    "PrepareModuleOutput",
+    "RowwiseParallel",
     "SequenceParallel",
     "TensorParallelMultiheadAttention",
-    "enable_2d_with_fsdp",
-    "vocab_parallel_cross_entropy",
     "clip_grad_norm_",
+    "enable_2d_with_fsdp",
     "make_input_replicate_1d",
     "make_input_reshard_replicate",
     "make_input_shard_1d",
@@ -52,4 +56,6 @@ __all__ = [
     "make_output_shard_1d",
     "make_output_tensor",
     "make_sharded_output_tensor",
+    "parallelize_module",
+    "vocab_parallel_cross_entropy",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Literal
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -29,12 +29,12 @@ from .multihead_attention_tp import (
 )
 from .pairwise import is_mlp, is_transformer_layer, plan_mlp, shard_sequence_io
 from .sequence_norm import check_norm, is_norm, shard_norm
-from .sharded_linear import Role, check_linear, shard_linear
-from .style import ColwiseParallel, PairwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel
+from .sharded_linear import shard_linear
+from .style import ModuleStyle, ParallelStyle, SequenceParallel
 
-__all__ = ["parallelize_module", "Plan"]
+__all__ = ["Plan", "parallelize_module"]
 
-Plan = Union[ParallelStyle, Mapping[str, Any]]
+Plan = ParallelStyle | Mapping[str, Any]
 ATTENTION_TYPES = (nn.MultiheadAttention, TensorParallelMultiheadAttention)
 
 
@@ -69,15 +69,13 @@ class _Planner:
     # -- single style ---------------------------------------------------------------
     def plan_style(self, module: nn.Module, fqn: str, style: ParallelStyle) -> int:
         """Plan ``style`` on ``module``; returns how many modules it will shard."""
-        if isinstance(style, (ColwiseParallel, RowwiseParallel)):
-            role: Role = "colwise" if isinstance(style, ColwiseParallel) else "rowwise"
-            check_linear(module, fqn, role, self.world)
-            self.claim(module, fqn)
-            linear, mesh = module, self.mesh
-            self.steps.append(
-                _Step(fqn, module, lambda: shard_linear(
-                    linear, mesh, role, style._prepare_input, style._prepare_output))  # type: ignore[arg-type]
-            )
+        if isinstance(style, ModuleStyle):
+            # Colwise/Rowwise (Linear, Embedding), PrepareModule*, and users' own styles.
+            style.check(module, fqn, self.mesh)
+            if style.exclusive:
+                self.claim(module, fqn)
+            target, mesh = module, self.mesh
+            self.steps.append(_Step(fqn, module, lambda: style.apply(target, mesh)))
             return 1
         if isinstance(style, SequenceParallel) and is_norm(module):
             check_norm(module, fqn)
@@ -187,8 +185,8 @@ def _set_submodule(root: nn.Module, fqn: str, new: nn.Module) -> nn.Module:
 
 def parallelize_module(
     module: nn.Module,
-    device_mesh: DeviceMesh | Plan | None = None,
-    parallelize_plan: Plan | None = None,
+    device_mesh: DeviceMesh | Plan | Literal["auto"] | None = None,
+    parallelize_plan: Plan | Literal["auto"] | None = None,
     tp_mesh_dim: int = 0,
 ) -> nn.Module:
     """Apply tensor parallelism to ``module`` following ``parallelize_plan``.
@@ -203,7 +201,8 @@ def parallelize_module(
             the default process group is used.
         parallelize_plan: one :class:`ParallelStyle` for the whole module, or a dict
             from FQN (atoms may be globs such as ``"layers.*.mlp"``) to a style or a
-            nested dict. A key that matches nothing is an error.
+            nested dict. A key that matches nothing is an error. ``"auto"`` applies
+            :func:`shardwise.hf.auto_plan` to a Hugging Face model.
         tp_mesh_dim: the mesh dimension to shard over; must lie in ``[-ndim, ndim)``.
 
     Weights are taken from TP-mesh coordinate 0 and scattered; what other ranks held is
@@ -214,8 +213,16 @@ def parallelize_module(
         >>> mesh = init_device_mesh("cpu", (2,))
         >>> model = parallelize_module(model, mesh, PairwiseParallel())
     """
-    if isinstance(device_mesh, (ParallelStyle, Mapping)) and parallelize_plan is None:
+    if isinstance(device_mesh, (ParallelStyle, Mapping, str)) and parallelize_plan is None:
         device_mesh, parallelize_plan = None, device_mesh
+    if parallelize_plan == "auto":
+        from .hf import auto_plan  # imported here: hf.plans imports this module
+
+        mesh = default_mesh() if device_mesh is None else device_mesh
+        if not isinstance(mesh, DeviceMesh):
+            raise TypeError(f"device_mesh must be a DeviceMesh, got {type(mesh).__name__}")
+        size = tp_submesh(mesh, tp_mesh_dim).size()
+        return parallelize_module(module, mesh, auto_plan(module, tp_size=size), tp_mesh_dim)
     if not isinstance(module, nn.Module):
         raise TypeError(f"parallelize_module expects an nn.Module, got {type(module).__name__}")
     if isinstance(parallelize_plan, type):

@@ -16,6 +16,10 @@ function                                forward                  backward
 ``reduce_scatter_to_sequence_region``   reduce-scatter ``dim``   all-gather on ``dim``
 ======================================  =======================  ========================
 
+Shards follow ``torch.chunk`` (DTensor's ``Shard``): pieces of ``ceil(n / W)``, the
+last ones shorter or empty. Gathers that may see uneven pieces take the global
+``size`` of the dimension; reduce-scatters and splits work it out from the full input.
+
 Example::
 
     >>> y = copy_to_region(x, group)          # replicated input to a column-parallel matmul
@@ -31,14 +35,15 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 __all__ = [
-    "copy_to_region",
-    "reduce_from_region",
-    "gather_from_region",
-    "scatter_to_region",
-    "gather_from_sequence_region",
-    "reduce_scatter_to_sequence_region",
     "all_gather_along",
+    "chunk_range",
+    "copy_to_region",
+    "gather_from_region",
+    "gather_from_sequence_region",
+    "reduce_from_region",
     "reduce_scatter_along",
+    "reduce_scatter_to_sequence_region",
+    "scatter_to_region",
     "split_along",
 ]
 
@@ -54,12 +59,37 @@ def _all_reduce(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     return x
 
 
-def all_gather_along(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
-    """Concatenate every rank's ``x`` along ``dim`` (one all-gather).
+def chunk_range(size: int, world: int, rank: int) -> tuple[int, int]:
+    """``(start, length)`` of ``rank``'s piece when ``size`` is split like ``torch.chunk``.
 
     Example::
 
-        >>> full = all_gather_along(shard, group, dim=0)   # [S/W, B, H] -> [S, B, H]
+        >>> [chunk_range(10, 4, r) for r in range(4)]
+        [(0, 3), (3, 3), (6, 3), (9, 1)]
+    """
+    chunk = -(-size // world)
+    start = min(rank * chunk, size)
+    return start, min(chunk, size - start)
+
+
+def _pad_rows(xt: torch.Tensor, rows: int) -> torch.Tensor:
+    if xt.shape[0] == rows:
+        return xt
+    return torch.cat([xt, xt.new_zeros((rows - xt.shape[0], *xt.shape[1:]))])
+
+
+def all_gather_along(
+    x: torch.Tensor, group: ProcessGroup, dim: int, size: int | None = None
+) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along ``dim`` (one all-gather).
+
+    ``size`` is the global length of ``dim`` when the pieces may be uneven (chunk
+    layout); ``None`` means every rank holds the same length.
+
+    Example::
+
+        >>> full = all_gather_along(shard, group, dim=0)          # [S/W, B, H] -> [S, B, H]
+        >>> full = all_gather_along(shard, group, dim=-1, size=6)  # 4 ranks hold 2, 2, 2, 0
     """
     world = dist.get_world_size(group)
     if world == 1:
@@ -67,13 +97,20 @@ def all_gather_along(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Te
     dim = dim % x.dim()
     # Gather into a buffer stacked on a new leading axis, then move it next to ``dim``.
     xt = x.movedim(dim, 0).contiguous()
-    out = torch.empty((world * xt.shape[0], *xt.shape[1:]), dtype=x.dtype, device=x.device)
+    chunk = xt.shape[0] if size is None else -(-size // world)
+    # In chunk layout only the tail is short, so the padding lands after row ``size``.
+    xt = _pad_rows(xt, chunk)
+    out = torch.empty((world * chunk, *xt.shape[1:]), dtype=x.dtype, device=x.device)
     _all_gather_single(out, xt, group=group)
+    if size is not None and size != out.shape[0]:
+        out = out[:size]
     return out.movedim(0, dim)
 
 
 def reduce_scatter_along(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
     """Sum ``x`` over the group and keep this rank's chunk of ``dim`` (one reduce-scatter).
+
+    A length ``W`` does not divide is split like ``torch.chunk`` (padded on the wire).
 
     Example::
 
@@ -84,13 +121,19 @@ def reduce_scatter_along(x: torch.Tensor, group: ProcessGroup, dim: int) -> torc
         return x
     dim = dim % x.dim()
     xt = x.movedim(dim, 0).contiguous()
-    out = torch.empty((xt.shape[0] // world, *xt.shape[1:]), dtype=x.dtype, device=x.device)
+    size = xt.shape[0]
+    chunk = -(-size // world)
+    xt = _pad_rows(xt, world * chunk)
+    out = torch.empty((chunk, *xt.shape[1:]), dtype=x.dtype, device=x.device)
     _reduce_scatter_single(out, xt, group=group)
+    _, length = chunk_range(size, world, dist.get_rank(group))
+    if length != chunk:
+        out = out[:length]
     return out.movedim(0, dim)
 
 
 def split_along(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
-    """This rank's equal chunk of ``x`` along ``dim`` (no communication).
+    """This rank's ``torch.chunk`` piece of ``x`` along ``dim`` (no communication).
 
     Example::
 
@@ -99,8 +142,8 @@ def split_along(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
     world = dist.get_world_size(group)
     if world == 1:
         return x
-    rank = dist.get_rank(group)
-    return x.chunk(world, dim=dim)[rank].contiguous()
+    start, length = chunk_range(x.shape[dim], world, dist.get_rank(group))
+    return x.narrow(dim, start, length).contiguous()
 
 
 class _CopyToRegion(torch.autograd.Function):
@@ -134,46 +177,50 @@ class _ReduceFromRegion(torch.autograd.Function):
 
 class _GatherFromRegion(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+    def forward(
+        ctx: Any, x: torch.Tensor, group: ProcessGroup, dim: int, size: int | None
+    ) -> torch.Tensor:
         ctx.group, ctx.dim = group, dim
-        return all_gather_along(x, group, dim)
+        return all_gather_along(x, group, dim, size)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return split_along(grad, ctx.group, ctx.dim), None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        return split_along(grad, ctx.group, ctx.dim), None, None, None
 
 
 class _ScatterToRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
-        ctx.group, ctx.dim = group, dim
+        ctx.group, ctx.dim, ctx.size = group, dim, x.shape[dim]
         return split_along(x, group, dim)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return all_gather_along(grad, ctx.group, ctx.dim), None, None
+        return all_gather_along(grad, ctx.group, ctx.dim, ctx.size), None, None
 
 
 class _GatherFromSequenceRegion(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+    def forward(
+        ctx: Any, x: torch.Tensor, group: ProcessGroup, dim: int, size: int | None
+    ) -> torch.Tensor:
         ctx.group, ctx.dim = group, dim
-        return all_gather_along(x, group, dim)
+        return all_gather_along(x, group, dim, size)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return reduce_scatter_along(grad, ctx.group, ctx.dim), None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        return reduce_scatter_along(grad, ctx.group, ctx.dim), None, None, None
 
 
 class _ReduceScatterToSequenceRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
-        ctx.group, ctx.dim = group, dim
+        ctx.group, ctx.dim, ctx.size = group, dim, x.shape[dim]
         return reduce_scatter_along(x, group, dim)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return all_gather_along(grad, ctx.group, ctx.dim), None, None
+        return all_gather_along(grad, ctx.group, ctx.dim, ctx.size), None, None
 
 
 def copy_to_region(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
@@ -199,17 +246,20 @@ def reduce_from_region(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     return _ReduceFromRegion.apply(x, group)
 
 
-def gather_from_region(x: torch.Tensor, group: ProcessGroup, dim: int = -1) -> torch.Tensor:
+def gather_from_region(
+    x: torch.Tensor, group: ProcessGroup, dim: int = -1, size: int | None = None
+) -> torch.Tensor:
     """All-gather along ``dim`` in forward; keep this rank's slice of the gradient in backward.
 
     The gradient is assumed replicated (every rank computes the same loss from the
-    gathered tensor), as for a column-parallel layer whose output is gathered.
+    gathered tensor), as for a column-parallel layer whose output is gathered. ``size``
+    is the global length of ``dim`` when pieces may be uneven (``torch.chunk`` layout).
 
     Example::
 
         >>> full = gather_from_region(y_shard, group, dim=-1)   # [.., H/W] -> [.., H]
     """
-    return _GatherFromRegion.apply(x, group, dim)
+    return _GatherFromRegion.apply(x, group, dim, size)
 
 
 def scatter_to_region(x: torch.Tensor, group: ProcessGroup, dim: int = -1) -> torch.Tensor:
@@ -222,14 +272,19 @@ def scatter_to_region(x: torch.Tensor, group: ProcessGroup, dim: int = -1) -> to
     return _ScatterToRegion.apply(x, group, dim)
 
 
-def gather_from_sequence_region(x: torch.Tensor, group: ProcessGroup, dim: int = 0) -> torch.Tensor:
+def gather_from_sequence_region(
+    x: torch.Tensor, group: ProcessGroup, dim: int = 0, size: int | None = None
+) -> torch.Tensor:
     """Sequence parallel entry: all-gather ``dim`` forward, reduce-scatter the gradient backward.
+
+    The gradient is assumed partial (each rank's consumers saw only their share), so the
+    reduce-scatter both sums and splits it. ``size`` as in :func:`gather_from_region`.
 
     Example::
 
         >>> x_full = gather_from_sequence_region(x_seq_shard, group, dim=0)   # [S/W,B,H] -> [S,B,H]
     """
-    return _GatherFromSequenceRegion.apply(x, group, dim)
+    return _GatherFromSequenceRegion.apply(x, group, dim, size)
 
 
 def reduce_scatter_to_sequence_region(

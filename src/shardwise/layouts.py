@@ -10,6 +10,10 @@ rank's shard" and no collective verifies it. On the parallelized hot path shardw
 recognises these functions and runs the equivalent local collective instead of
 building DTensors (see :mod:`shardwise.sharded_linear`).
 
+:class:`ModuleIO` is the one form both spellings of a style's input and output handling
+reduce to: the seed's functions (``_prepare_input=make_input_reshard_replicate``) and
+torch 2.x's layouts (``input_layouts=Shard(0)``) become the same placements.
+
 Example::
 
     >>> x_rep = make_input_replicate_1d(torch.ones(4, 8), mesh)   # DTensor [Replicate()]
@@ -18,13 +22,18 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
 __all__ = [
+    "ModuleIO",
+    "as_placement",
+    "io_from_functions",
     "make_input_replicate_1d",
     "make_input_reshard_replicate",
     "make_input_shard_1d",
@@ -34,6 +43,8 @@ __all__ = [
     "make_output_shard_1d",
     "make_output_tensor",
     "make_sharded_output_tensor",
+    "natural_output",
+    "normalize",
 ]
 
 InputLike = torch.Tensor | DTensor | list[Any] | tuple[Any, ...]
@@ -196,3 +207,112 @@ def make_sharded_output_tensor(
     """
     _output_mesh(output, _device_mesh)
     return output.to_local()
+
+
+# -- one description for both spellings ---------------------------------------------------
+PrepareFn = Callable[..., Any]
+Role = Literal["colwise", "rowwise"]
+
+
+@dataclass(frozen=True)
+class ModuleIO:
+    """What a parallelized module does with its input and its output.
+
+    * ``input_layout``: how a plain input tensor is laid out across ranks (``None``: it is
+      used exactly as given). The module redistributes it to the layout it computes on.
+    * ``output_layout`` / ``use_local_output``: the layout the result is redistributed
+      to, and whether the caller gets its local tensor or the DTensor.
+    * ``input_fn`` / ``output_fn``: a user's own seed-style function with no placement
+      equivalent; it runs on DTensors (slower, same values).
+
+    Example::
+
+        >>> ModuleIO(Shard(0), Shard(0))   # sequence-sharded in and out, local tensors
+    """
+
+    input_layout: Placement | None
+    output_layout: Placement
+    use_local_output: bool = True
+    input_fn: PrepareFn | None = None
+    output_fn: PrepareFn | None = None
+
+
+def natural_output(role: Role) -> Placement:
+    """The layout a column/row-parallel module produces before any output redistribution.
+
+    Example::
+
+        >>> natural_output("rowwise")
+        P(sum)
+    """
+    return Shard(-1) if role == "colwise" else Partial()
+
+
+_SEED_INPUTS: dict[Any, Placement] = {
+    make_input_replicate_1d: Replicate(),
+    make_input_reshard_replicate: Shard(0),
+    make_input_shard_1d: Shard(0),
+    make_input_shard_1d_last_dim: Shard(-1),
+}
+_SEED_OUTPUTS: dict[Any, tuple[Placement | None, bool]] = {
+    make_output_tensor: (Replicate(), True),
+    make_output_replicate_1d: (Replicate(), False),
+    make_output_reshard_tensor: (Shard(0), True),
+    make_output_shard_1d: (Shard(0), False),
+    make_sharded_output_tensor: (None, True),  # None: the module's own layout
+    None: (None, False),
+}
+
+
+def io_from_functions(
+    role: Role, prepare_input: PrepareFn | None, prepare_output: PrepareFn | None
+) -> ModuleIO:
+    """The :class:`ModuleIO` of the seed's ``(_prepare_input, _prepare_output)`` pair.
+
+    The seed's own functions are recognised by identity and become placements (and so
+    local collectives); any other function is kept and runs on DTensors.
+
+    Example::
+
+        >>> io_from_functions("colwise", make_input_reshard_replicate, make_output_tensor)
+        ModuleIO(input_layout=Shard(dim=0), output_layout=Replicate(), use_local_output=True, ...)
+    """
+    in_layout, in_fn = _SEED_INPUTS.get(prepare_input), None
+    if prepare_input is not None and in_layout is None:
+        in_fn = prepare_input
+    natural = natural_output(role)
+    if prepare_output in _SEED_OUTPUTS:
+        layout, local = _SEED_OUTPUTS[prepare_output]
+        return ModuleIO(in_layout, layout or natural, local, in_fn)
+    return ModuleIO(in_layout, natural, False, in_fn, prepare_output)
+
+
+def as_placement(value: Any, what: str) -> Placement | None:
+    """A layout keyword as one ``Placement``: a placement, a 1-tuple of one, or ``None``.
+
+    Example::
+
+        >>> as_placement((Shard(1),), "input_layouts")
+        Shard(dim=1)
+    """
+    if isinstance(value, tuple) and len(value) == 1:
+        value = value[0]
+    if value is None or isinstance(value, Placement):
+        return value
+    raise TypeError(
+        f"{what} must be a torch.distributed.tensor Placement (Replicate(), Shard(d), "
+        f"Partial()) or a 1-tuple of one, got {value!r}"
+    )
+
+
+def normalize(placement: Placement, ndim: int) -> Placement:
+    """``placement`` with a negative shard dimension made non-negative for an ``ndim`` tensor.
+
+    Example::
+
+        >>> normalize(Shard(-1), 3)
+        Shard(dim=2)
+    """
+    if isinstance(placement, Shard) and placement.dim < 0:
+        return Shard(placement.dim % ndim)
+    return placement

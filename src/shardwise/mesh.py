@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = ["default_mesh", "tp_submesh", "check_rank_in_mesh"]
+__all__ = ["check_rank_in_mesh", "default_mesh", "tp_submesh"]
 
 
 def default_mesh() -> DeviceMesh:

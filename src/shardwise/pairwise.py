@@ -35,10 +35,10 @@ from .style import PairwiseParallel, SequenceParallel
 
 __all__ = [
     "LinearSpec",
-    "linear_children",
     "is_mlp",
-    "plan_mlp",
     "is_transformer_layer",
+    "linear_children",
+    "plan_mlp",
     "shard_sequence_io",
 ]
 

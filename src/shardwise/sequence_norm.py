@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 from .local_params import install_local_leaf, local_param
 
-__all__ = ["NORM_TYPES", "is_norm", "check_norm", "shard_norm"]
+__all__ = ["NORM_TYPES", "check_norm", "is_norm", "shard_norm"]
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm,) + (
     (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()

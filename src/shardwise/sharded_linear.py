@@ -1,9 +1,15 @@
 """Column- and row-parallel ``nn.Linear``: parameter placement and the local hot path.
 
-:func:`shard_linear` replaces a Linear's parameters with DTensors and gives the module
-a forward that computes on local shards. Known seed layout functions become one
-autograd-aware collective from :mod:`shardwise.collectives`; any other function (a
-user's own) runs through DTensor, which is slower but has the same values.
+:func:`parallelize_linear` replaces a Linear's parameters with DTensors and gives the
+module a forward that computes on local shards. Its input and output handling is a
+:class:`~shardwise.layouts.ModuleIO`: the seed's layout functions and torch 2.x's
+``input_layouts``/``output_layouts`` both become placements, and each placement
+transition one autograd-aware collective from :mod:`shardwise.collectives`. A user's own
+function, or a transition with no local recipe, runs through DTensor (slower, same values).
+
+Features that the tensor-parallel size does not divide are split like ``torch.chunk``
+(DTensor's ``Shard``): ``Linear(8, 6)`` column-parallel on 4 ranks holds 2, 2, 2 and 0
+output features.
 
 Example::
 
@@ -15,7 +21,7 @@ from __future__ import annotations
 import types
 import weakref
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,21 +30,36 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
 from . import collectives as C
-from .layouts import (
-    make_input_replicate_1d,
-    make_input_reshard_replicate,
-    make_input_shard_1d,
-    make_input_shard_1d_last_dim,
-    make_output_reshard_tensor,
-    make_output_tensor,
-    make_sharded_output_tensor,
-)
+from .layouts import ModuleIO, PrepareFn, Role, io_from_functions, normalize
 from .local_params import install_local_leaf, local_param
+from .redistribute import input_to_local, output_from_local
 
-__all__ = ["Role", "shard_linear", "check_linear", "distribute_parameter"]
+__all__ = [
+    "Role",
+    "check_linear",
+    "check_shardable",
+    "distribute_parameter",
+    "parallelize_linear",
+    "shard_linear",
+]
 
-Role = Literal["colwise", "rowwise"]
-PrepareFn = Any
+
+def check_shardable(name: str, style: str, label: str, size: int, world: int) -> None:
+    """Raise ``ValueError`` if ``size`` entries cannot be split over ``world`` ranks.
+
+    Uneven splits are fine (``torch.chunk`` layout); fewer entries than ranks is not.
+
+    Example::
+
+        >>> check_shardable("fc1", "ColwiseParallel", "out_features", 3, 4)
+        Traceback (most recent call last):
+        ValueError: fc1: ColwiseParallel cannot shard out_features=3 over 4 ranks ...
+    """
+    if size < world:
+        raise ValueError(
+            f"{name}: {style} cannot shard {label}={size} over {world} ranks: the "
+            f"tensor-parallel size must not exceed it (uneven splits are fine)."
+        )
 
 
 def check_linear(module: nn.Module, fqn: str, role: Role, world: int) -> None:
@@ -46,9 +67,9 @@ def check_linear(module: nn.Module, fqn: str, role: Role, world: int) -> None:
 
     Example::
 
-        >>> check_linear(nn.Linear(8, 6), "fc1", "colwise", 4)
+        >>> check_linear(nn.Linear(8, 3), "fc1", "colwise", 4)
         Traceback (most recent call last):
-        ValueError: fc1: ColwiseParallel shards out_features=6, which is not divisible by ...
+        ValueError: fc1: ColwiseParallel cannot shard out_features=3 over 4 ranks ...
     """
     name = fqn or type(module).__name__
     if not isinstance(module, nn.Linear):
@@ -63,12 +84,8 @@ def check_linear(module: nn.Module, fqn: str, role: Role, world: int) -> None:
         if role == "colwise"
         else (module.in_features, "in_features")
     )
-    if features % world != 0:
-        style = "ColwiseParallel" if role == "colwise" else "RowwiseParallel"
-        raise ValueError(
-            f"{name}: {style} shards {label}={features}, which is not divisible by the "
-            f"tensor-parallel size {world}."
-        )
+    style = "ColwiseParallel" if role == "colwise" else "RowwiseParallel"
+    check_shardable(name, style, label, features, world)
 
 
 def distribute_parameter(
@@ -129,8 +146,15 @@ def _shared_entry(
     """
     if kind == "f" and not (torch.is_grad_enabled() and x.requires_grad):
         return x  # no gradient will flow back: the identity needs no collective either
-    source = _alias_source(x)
-    key = (kind, id(source), source._version, id(group), dim, torch.is_grad_enabled())
+    # Module backward hooks (``register_full_backward_hook``, and tools built on them such
+    # as CommDebugMode) hand each module an identity view of its input, so q, k and v may
+    # receive different objects for one activation. Key by what the tensor *is*: its root
+    # base (views share its version counter) and its place in that memory.
+    source = x._base if x._base is not None else x
+    key = (
+        kind, id(source), source._version, x.storage_offset(), tuple(x.shape), x.stride(),
+        x.dtype, id(group), dim, torch.is_grad_enabled(),
+    )
     entry = _SHARED.get(key)
     if entry is None:
         entry = make()
@@ -139,118 +163,94 @@ def _shared_entry(
     return entry
 
 
-def _alias_source(x: torch.Tensor) -> torch.Tensor:
-    """The tensor ``x`` aliases whole, if it is such a view, else ``x``.
-
-    Module backward hooks (``register_full_backward_hook``, and tools built on them such
-    as CommDebugMode) hand each module an identity view of its input; q, k and v then
-    receive three different objects for one activation.
-    """
-    base = x._base
-    if (
-        base is not None
-        and base.shape == x.shape
-        and base.stride() == x.stride()
-        and base.storage_offset() == x.storage_offset()
-        and base.dtype == x.dtype
-    ):
-        return base
-    return x
-
-
 class ShardedLinearForward:
     """The forward installed on a parallelized ``nn.Linear`` (bound to it as a method)."""
 
-    def __init__(
-        self, role: Role, mesh: DeviceMesh, prepare_input: PrepareFn, prepare_output: PrepareFn
-    ) -> None:
+    def __init__(self, role: Role, mesh: DeviceMesh, io: ModuleIO, features: int) -> None:
         self.role = role
         self.mesh = mesh
         self.group = mesh.get_group()
         self.first = mesh.get_local_rank() == 0
-        self.prepare_input = prepare_input
-        self.prepare_output = prepare_output
+        self.io = io
+        self.features = features  # global out_features (colwise) or in_features (rowwise)
 
     def __repr__(self) -> str:
-        return (
-            f"ShardedLinearForward({self.role}, in={_name(self.prepare_input)}, "
-            f"out={_name(self.prepare_output)})"
-        )
+        return f"ShardedLinearForward({self.role}, {self.io})"
 
     def __call__(self, module: nn.Linear, *args: Any, **kwargs: Any) -> Any:
         if not args:
             raise TypeError(f"{type(module).__name__}.forward() missing its input tensor")
         x = args[0]
         w, b = local_param(module.weight), local_param(module.bias)
+        assert w is not None  # a Linear always has a weight
         if self.role == "colwise":
-            y = F.linear(self._colwise_input(x), w, b)
-            return self._colwise_output(y)
-        y = F.linear(self._rowwise_input(x), w)
+            y = F.linear(self._colwise_input(x), w, b)  # [..., out/W] Shard(-1)
+            return output_from_local(y, Shard(-1), self.io, self.mesh, size=self.features)
+        y = F.linear(input_to_local(x, self.io, Shard(-1), self.mesh), w)  # [..., out] Partial
+        io = self.io
+        if io.output_fn is None and io.output_layout.is_replicate():
+            # Replicated output: add the bias after the all-reduce, as hand-written code does;
+            # its gradient, taken from the replicated output gradient, is complete everywhere.
+            out = C.reduce_from_region(y, self.group)
+            out = out if b is None else out + b
+            return out if io.use_local_output else DTensor.from_local(
+                out, self.mesh, [Replicate()], run_check=False
+            )
         if b is not None:
             y = _AddBiasOnce.apply(y, b, self.first)
-        return self._rowwise_output(y)
+        return output_from_local(y, Partial(), io, self.mesh)
 
-    # -- inputs ---------------------------------------------------------------------
-    def _colwise_input(self, x: Any) -> torch.Tensor:
-        fn = self.prepare_input
-        if fn is None:
-            return x
-        if isinstance(x, torch.Tensor) and not isinstance(x, DTensor):
-            group = self.group
-            if fn is make_input_replicate_1d:
+    def _colwise_input(self, x: Any) -> Any:
+        io, group = self.io, self.group
+        if io.input_fn is None and io.input_layout is not None and _is_plain(x):
+            src = normalize(io.input_layout, x.dim())
+            # One entry collective per activation, however many projections read it.
+            if src.is_replicate():
                 return _shared_entry("f", x, group, 0, lambda: C.copy_to_region(x, group))
-            if fn is make_input_reshard_replicate or fn is make_input_shard_1d:
+            if type(src) is Shard:
+                dim = src.dim
                 return _shared_entry(
-                    "ag", x, group, 0, lambda: C.gather_from_sequence_region(x, group, 0)
+                    "ag", x, group, dim, lambda: C.gather_from_sequence_region(x, group, dim)
                 )
-        dt = fn(x, self.mesh)
-        # Column-parallel compute leaves a partial input gradient: say so, and DTensor sums it.
-        return dt.redistribute(self.mesh, [Replicate()]).to_local(grad_placements=[Partial()])
-
-    def _rowwise_input(self, x: Any) -> torch.Tensor:
-        fn = self.prepare_input
-        if fn is None:
-            return x
-        if isinstance(x, torch.Tensor) and not isinstance(x, DTensor):
-            if fn is make_input_shard_1d_last_dim:
-                return x
-            if fn is make_input_replicate_1d:
-                return C.scatter_to_region(x, self.group, -1)
-        dt = fn(x, self.mesh)
-        return dt.redistribute(self.mesh, [Shard(dt.dim() - 1)]).to_local()
-
-    # -- outputs --------------------------------------------------------------------
-    def _colwise_output(self, y: torch.Tensor) -> Any:
-        fn = self.prepare_output
-        if fn is make_sharded_output_tensor:
-            return y
-        if fn is make_output_tensor:
-            return C.gather_from_region(y, self.group, -1)
-        dt = DTensor.from_local(y, self.mesh, [Shard(y.dim() - 1)], run_check=False)
-        return dt if fn is None else fn(dt, self.mesh)
-
-    def _rowwise_output(self, y: torch.Tensor) -> Any:
-        fn = self.prepare_output
-        if fn is make_output_tensor:
-            return C.reduce_from_region(y, self.group)
-        if fn is make_output_reshard_tensor:
-            return C.reduce_scatter_to_sequence_region(y, self.group, 0)
-        dt = DTensor.from_local(y, self.mesh, [Partial()], run_check=False)
-        return dt if fn is None else fn(dt, self.mesh)
+        return input_to_local(x, io, Replicate(), self.mesh, partial_grad=True)
 
 
-def _name(fn: Any) -> str:
-    return "None" if fn is None else getattr(fn, "__name__", repr(fn))
+def _is_plain(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and not isinstance(x, DTensor)
+
+
+def parallelize_linear(module: nn.Linear, mesh: DeviceMesh, role: Role, io: ModuleIO) -> nn.Linear:
+    """Shard ``module`` column- or row-wise on the 1-D ``mesh`` with input/output handling ``io``.
+
+    Column-wise: ``weight`` and ``bias`` ``Shard(0)``. Row-wise: ``weight`` ``Shard(1)``,
+    ``bias`` ``Replicate``. Call :func:`check_linear` first: this function communicates
+    (it scatters weights).
+
+    Example::
+
+        >>> parallelize_linear(mlp.fc2, mesh, "rowwise", ModuleIO(Shard(-1), Shard(1)))
+    """
+    if role == "colwise":
+        distribute_parameter(module, "weight", mesh, Shard(0))
+        distribute_parameter(module, "bias", mesh, Shard(0))
+        features = module.out_features
+    else:
+        distribute_parameter(module, "weight", mesh, Shard(1))
+        distribute_parameter(module, "bias", mesh, Replicate())
+        features = module.in_features
+    forward = ShardedLinearForward(role, mesh, io, features)
+    module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
+    return module
 
 
 def shard_linear(
     module: nn.Linear,
     mesh: DeviceMesh,
     role: Role,
-    prepare_input: PrepareFn,
-    prepare_output: PrepareFn,
+    prepare_input: PrepareFn | None,
+    prepare_output: PrepareFn | None,
 ) -> nn.Linear:
-    """Shard ``module`` column- or row-wise on the 1-D ``mesh`` and install its local forward.
+    """:func:`parallelize_linear` with the seed's ``(_prepare_input, _prepare_output)`` pair.
 
     Call :func:`check_linear` first: this function communicates (it scatters weights).
 
@@ -258,12 +258,5 @@ def shard_linear(
 
         >>> shard_linear(mlp.fc2, mesh, "rowwise", make_input_shard_1d_last_dim, make_output_tensor)
     """
-    if role == "colwise":
-        distribute_parameter(module, "weight", mesh, Shard(0))
-        distribute_parameter(module, "bias", mesh, Shard(0))
-    else:
-        distribute_parameter(module, "weight", mesh, Shard(1))
-        distribute_parameter(module, "bias", mesh, Replicate())
-    forward = ShardedLinearForward(role, mesh, prepare_input, prepare_output)
-    module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
-    return module
+    io = io_from_functions(role, prepare_input, prepare_output)
+    return parallelize_linear(module, mesh, role, io)

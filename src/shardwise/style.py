@@ -14,6 +14,10 @@ SequenceParallel     dim-0 shard, local      dim-0 shard, local      all-gather 
                                                                      out                         all-gather out
 ===================  ======================  ======================  ==========================  ==========================
 
+ColwiseParallel and RowwiseParallel also take torch 2.x's keyword-only
+``input_layouts``, ``output_layouts`` and ``use_local_output`` (and apply to
+``nn.Embedding``); :mod:`shardwise.prepare` has ``PrepareModuleInput``/``Output``.
+
 Example::
 
     >>> parallelize_module(mlp, mesh, {"up": ColwiseParallel(), "down": RowwiseParallel()})
@@ -23,9 +27,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
+
+from torch import nn
+from torch.distributed.tensor import Placement, Replicate, Shard
 
 from .layouts import (
+    ModuleIO,
+    Role,
+    as_placement,
+    io_from_functions,
     make_input_replicate_1d,
     make_input_reshard_replicate,
     make_input_shard_1d,
@@ -36,12 +47,15 @@ from .layouts import (
     make_output_tensor,
     make_sharded_output_tensor,
 )
+from .sharded_embedding import check_embedding, parallelize_embedding
+from .sharded_linear import check_linear, parallelize_linear
 
 __all__ = [
+    "ColwiseParallel",
+    "ModuleStyle",
+    "PairwiseParallel",
     "ParallelStyle",
     "RowwiseParallel",
-    "ColwiseParallel",
-    "PairwiseParallel",
     "SequenceParallel",
     "make_input_replicate_1d",
     "make_input_reshard_replicate",
@@ -89,46 +103,224 @@ class ParallelStyle(ABC):
         )
 
 
-class RowwiseParallel(ParallelStyle):
-    """Shard an ``nn.Linear`` by rows of the math (``weight`` ``Shard(1)``, ``bias`` ``Replicate``).
+class ModuleStyle(ParallelStyle):
+    """A style that validates and applies itself to one module (the extension point).
 
-    * Input: this rank's slice of the last (feature) dimension.
-    * Output: the full result, identical on every rank, as a plain tensor.
+    Subclasses implement :meth:`check` (no communication: raise on anything that cannot
+    work, the same way on every rank) and :meth:`apply` (shard parameters, install the
+    forward; may communicate; returns the module to register in place of the old one).
+    ``parallelize_module`` calls ``check`` for every plan entry before any ``apply``.
+    An ``exclusive`` style (the default) owns the module's parameters, so no other plan
+    entry may cover the same module; hook-only styles set ``exclusive = False``.
+
+    Example::
+
+        >>> class Replicated(ModuleStyle):
+        ...     def check(self, module, fqn, mesh): ...
+        ...     def apply(self, module, mesh): return module
+    """
+
+    exclusive: ClassVar[bool] = True
+
+    def __init__(
+        self, _prepare_input: PrepareFn | None = None, _prepare_output: PrepareFn | None = None
+    ) -> None:
+        super().__init__(_prepare_input, _prepare_output)
+
+    def check(self, module: Any, fqn: str, mesh: Any) -> None:
+        """Raise (without communicating) if this style cannot apply to ``module``."""
+
+    @abstractmethod
+    def apply(self, module: Any, mesh: Any) -> Any:
+        """Parallelize ``module`` on the 1-D ``mesh``; return the module to register."""
+
+
+class _LinearLikeStyle(ModuleStyle):
+    """Shared machinery of ColwiseParallel and RowwiseParallel (``nn.Linear``, ``nn.Embedding``)."""
+
+    role: ClassVar[Role]
+
+    def __init__(
+        self,
+        _prepare_input: PrepareFn | None,
+        _prepare_output: PrepareFn | None,
+        defaults: tuple[PrepareFn, PrepareFn],
+        input_layouts: Placement | tuple[Placement] | None,
+        output_layouts: Placement | tuple[Placement] | None,
+        use_local_output: bool,
+    ) -> None:
+        name = type(self).__name__
+        in_layout = as_placement(input_layouts, f"{name}(input_layouts=...)")
+        out_layout = as_placement(output_layouts, f"{name}(output_layouts=...)")
+        if not isinstance(use_local_output, bool):
+            raise TypeError(
+                f"{name}(use_local_output=...) must be a bool, got {use_local_output!r}"
+            )
+        self._layouts: ModuleIO | None = None
+        if in_layout is not None or out_layout is not None or not use_local_output:
+            if (_prepare_input, _prepare_output) != defaults:
+                raise ValueError(
+                    f"{name}: pass either the seed's _prepare_input/_prepare_output functions "
+                    "or input_layouts/output_layouts/use_local_output, not both."
+                )
+            _prepare_input = _prepare_output = None  # unused: the layouts say it all
+            default_in, default_out = (
+                (Replicate(), Shard(-1)) if self.role == "colwise" else (Shard(-1), Replicate())
+            )
+            self._layouts = ModuleIO(
+                in_layout or default_in, out_layout or default_out, use_local_output
+            )
+        super().__init__(_prepare_input, _prepare_output)
+
+    def io(self) -> ModuleIO:
+        """The input/output handling this style asks for, in placements.
+
+        Example::
+
+            >>> ColwiseParallel(input_layouts=Shard(1)).io().input_layout
+            Shard(dim=1)
+        """
+        if self._layouts is not None:
+            return self._layouts
+        return io_from_functions(self.role, self._prepare_input, self._prepare_output)
+
+    @property
+    def input_layouts(self) -> tuple[Placement] | None:
+        """``(placement,)`` of a plain input, as in torch 2.x (``None``: used as given)."""
+        io = self.io()
+        return None if io.input_fn is not None or io.input_layout is None else (io.input_layout,)
+
+    @property
+    def output_layouts(self) -> tuple[Placement]:
+        """``(placement,)`` the output is redistributed to, as in torch 2.x."""
+        return (self.io().output_layout,)
+
+    @property
+    def use_local_output(self) -> bool:
+        """Whether the caller gets the local tensor (``True``) or the DTensor."""
+        return self.io().use_local_output
+
+    def check(self, module: Any, fqn: str, mesh: Any) -> None:
+        """Raise (no communication) unless ``module`` is an unsharded Linear/Embedding that fits."""
+        if isinstance(module, nn.Embedding):
+            check_embedding(module, fqn, self.role, mesh.size())
+        elif isinstance(module, nn.Linear):
+            check_linear(module, fqn, self.role, mesh.size())
+        else:
+            raise RuntimeError(
+                f"Expect a torch.nn.Linear or torch.nn.Embedding module but received "
+                f"{type(module)}! ({type(self).__name__} on '{fqn or type(module).__name__}')"
+            )
+
+    def apply(self, module: Any, mesh: Any) -> Any:
+        """Shard ``module``'s parameters on ``mesh`` and install its local forward."""
+        if isinstance(module, nn.Embedding):
+            return parallelize_embedding(module, mesh, self.role, self.io())
+        return parallelize_linear(module, mesh, self.role, self.io())
+
+    def __repr__(self) -> str:
+        if self._layouts is None:
+            return super().__repr__()
+        return (
+            f"{type(self).__name__}(input_layouts={self.input_layouts}, "
+            f"output_layouts={self.output_layouts}, use_local_output={self.use_local_output})"
+        )
+
+
+class RowwiseParallel(_LinearLikeStyle):
+    """Shard an ``nn.Linear`` by rows of the math, or an ``nn.Embedding`` by vocabulary.
+
+    ``nn.Linear``: ``weight`` ``Shard(1)`` (``in_features`` split), ``bias`` ``Replicate``.
+
+    * Input: this rank's slice of the last (feature) dimension (``Shard(-1)``).
+    * Output: the full result, identical on every rank, as a plain tensor (``Replicate``).
     * Forward: one all-reduce of the partial products (Megatron's *g*); bias added once.
     * Backward: no collective; the input gradient is this rank's feature slice.
+
+    ``nn.Embedding``: ``weight`` ``Shard(0)`` (vocabulary split). Input: token ids,
+    redistributed to ``Replicate`` (torch's default ``input_layouts`` is ``Shard(-1)``,
+    which all-gathers ids along their last dim: pass ``input_layouts=Replicate()`` when
+    every rank holds all ids). Each rank looks up its vocabulary slice, zeros elsewhere.
+    Forward: one all-reduce. Backward: no collective.
+
+    Keyword Args:
+        input_layouts: layout of a plain input tensor (default ``Shard(-1)``).
+        output_layouts: layout of the output: ``Replicate()`` (all-reduce), ``Shard(d)``
+            (reduce-scatter on ``d``; backward all-gathers) or ``Partial()`` (none).
+        use_local_output: return the local tensor (default) or the DTensor.
+
+    The seed's positional ``_prepare_input``/``_prepare_output`` functions are still
+    accepted (not together with the keywords). ``in_features`` (``num_embeddings``) that
+    the mesh size does not divide is split like ``torch.chunk``.
 
     Example::
 
         >>> parallelize_module(model, mesh, {"fc2": RowwiseParallel()})
+        >>> parallelize_module(model, mesh, {"tok": RowwiseParallel(input_layouts=Replicate(),
+        ...                                                         output_layouts=Shard(1))})
     """
+
+    role: ClassVar[Role] = "rowwise"
 
     def __init__(
         self,
         _prepare_input: PrepareFn | None = make_input_shard_1d_last_dim,
         _prepare_output: PrepareFn | None = make_output_tensor,
+        *,
+        input_layouts: Placement | tuple[Placement] | None = None,
+        output_layouts: Placement | tuple[Placement] | None = None,
+        use_local_output: bool = True,
     ) -> None:
-        super().__init__(_prepare_input, _prepare_output)
+        super().__init__(
+            _prepare_input, _prepare_output, (make_input_shard_1d_last_dim, make_output_tensor),
+            input_layouts, output_layouts, use_local_output,
+        )
 
 
-class ColwiseParallel(ParallelStyle):
-    """Shard an ``nn.Linear`` by output features (``weight`` and ``bias`` ``Shard(0)``).
+class ColwiseParallel(_LinearLikeStyle):
+    """Shard an ``nn.Linear`` by output features, or an ``nn.Embedding`` by embedding dim.
 
-    * Input: replicated (every rank passes the same full tensor).
-    * Output: this rank's slice of the last (feature) dimension, as a plain tensor.
+    ``nn.Linear``: ``weight`` and ``bias`` ``Shard(0)`` (``out_features`` split).
+    ``nn.Embedding``: ``weight`` ``Shard(1)``.
+
+    * Input: replicated (every rank passes the same full tensor; ``Replicate``).
+    * Output: this rank's slice of the last (feature) dimension, as a plain tensor (``Shard(-1)``).
     * Forward: no collective.
-    * Backward: one all-reduce of the input gradient (Megatron's *f*).
+    * Backward: one all-reduce of the input gradient (Megatron's *f*); none for an Embedding.
+
+    Keyword Args:
+        input_layouts: layout of a plain input: ``Replicate()`` (default) or ``Shard(d)``,
+            a sequence shard that is all-gathered on ``d`` (backward: reduce-scatter).
+            Projections reading the same activation share one entry collective.
+        output_layouts: ``Shard(-1)`` (default, no collective) or ``Replicate()``
+            (all-gather of the last dim; backward: split).
+        use_local_output: return the local tensor (default) or the DTensor.
+
+    The seed's positional ``_prepare_input``/``_prepare_output`` functions are still
+    accepted (not together with the keywords). ``out_features`` (``embedding_dim``) that
+    the mesh size does not divide is split like ``torch.chunk``.
 
     Example::
 
         >>> parallelize_module(model, mesh, {"fc1": ColwiseParallel()})
+        >>> parallelize_module(model, mesh, {"q": ColwiseParallel(input_layouts=Shard(1))})
     """
+
+    role: ClassVar[Role] = "colwise"
 
     def __init__(
         self,
         _prepare_input: PrepareFn | None = make_input_replicate_1d,
         _prepare_output: PrepareFn | None = make_sharded_output_tensor,
+        *,
+        input_layouts: Placement | tuple[Placement] | None = None,
+        output_layouts: Placement | tuple[Placement] | None = None,
+        use_local_output: bool = True,
     ) -> None:
-        super().__init__(_prepare_input, _prepare_output)
+        super().__init__(
+            _prepare_input, _prepare_output, (make_input_replicate_1d, make_sharded_output_tensor),
+            input_layouts, output_layouts, use_local_output,
+        )
 
 
 class PairwiseParallel(ParallelStyle):

@@ -8,4 +8,4 @@ Example::
 from .parity import ParityReport, check_parity, expect_raises, full, mesh_of
 from .pool import RankError, RankPool
 
-__all__ = ["RankPool", "RankError", "ParityReport", "check_parity", "expect_raises", "full", "mesh_of"]
+__all__ = ["ParityReport", "RankError", "RankPool", "check_parity", "expect_raises", "full", "mesh_of"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import torch
@@ -32,10 +32,10 @@ from torch.distributed.tensor import DTensor
 
 from ..api import Plan, parallelize_module
 
-__all__ = ["ParityReport", "check_parity", "full", "mesh_of", "expect_raises"]
+__all__ = ["ParityReport", "check_parity", "expect_raises", "full", "mesh_of"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def mesh_of(*shape: int, names: tuple[str, ...] | None = None) -> DeviceMesh:
     """A cached CPU mesh of ``shape`` over the current process group.
 
@@ -183,6 +183,8 @@ def expect_raises(
     except exc_types as exc:
         message = str(exc)
         if match is not None and not re.search(match, message):
-            raise AssertionError(f"{type(exc).__name__} raised, but {match!r} not in: {message}")
+            raise AssertionError(
+                f"{type(exc).__name__} raised, but {match!r} not in: {message}"
+            ) from exc
         return message
     raise AssertionError(f"{getattr(fn, '__name__', fn)} did not raise {exc_types}")

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-__all__ = ["RankPool", "RankError"]
+__all__ = ["RankError", "RankPool"]
 
 
 class RankError(RuntimeError):

@@ -1,0 +1,34 @@
+"""Tensor parallelism for Hugging Face ``transformers`` models.
+
+:func:`auto_plan` builds a printable plan (FQN glob -> style) for Llama, Mistral, Qwen2,
+GPT-2 and BERT, from the model's own ``tp_plan`` where transformers ships one and from
+its module structure otherwise; :func:`parallelize_hf` applies it. The model keeps its
+interface: full logits as plain tensors, HF's loss and ``generate()`` unchanged.
+
+This package does not import ``transformers``; it reads the model it is given.
+
+Example::
+
+    >>> from shardwise.hf import auto_plan, parallelize_hf
+    >>> print(auto_plan(model))
+    >>> model = parallelize_hf(model, init_device_mesh("cpu", (2,)))
+"""
+
+from .conv1d import ColwiseConv1D, RowwiseConv1D, is_conv1d
+from .heads import AttentionHeads, ColwiseHeads, HeadLayout, RowwiseHeads, head_layout
+from .plans import SUPPORTED_MODEL_TYPES, auto_plan, parallelize_hf, translate_tp_plan
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "AttentionHeads",
+    "ColwiseConv1D",
+    "ColwiseHeads",
+    "HeadLayout",
+    "RowwiseConv1D",
+    "RowwiseHeads",
+    "auto_plan",
+    "head_layout",
+    "is_conv1d",
+    "parallelize_hf",
+    "translate_tp_plan",
+]

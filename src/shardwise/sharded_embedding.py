@@ -1,0 +1,133 @@
+"""Vocabulary- and feature-parallel ``nn.Embedding`` on local shards.
+
+* Row-wise (``RowwiseParallel``): ``weight`` ``Shard(0)``, each rank holds a slice of
+  the vocabulary (``torch.chunk`` layout, so 10 tokens on 4 ranks are 3, 3, 3, 1). Each
+  rank looks up the ids in its slice and writes zero rows for the others; the partial
+  results are summed by one all-reduce (or reduce-scatter onto a sequence dimension).
+  Backward needs no collective for an all-reduce output.
+* Column-wise (``ColwiseParallel``): ``weight`` ``Shard(1)``, each rank holds a slice of
+  the embedding dimension; the lookup is local and the output is last-dim sharded, or
+  all-gathered for a ``Replicate`` output.
+
+``padding_idx`` keeps its meaning: that row's gradient stays zero. ``max_norm`` and
+``sparse`` (both styles) and ``scale_grad_by_freq`` (row-wise) are rejected. Row-wise,
+an id outside ``[0, num_embeddings)`` gives a zero row instead of an error (checking
+would cost a device sync per step).
+
+Example::
+
+    >>> parallelize_module(model, mesh, {"tok": RowwiseParallel(input_layouts=Replicate())})
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+from .collectives import chunk_range
+from .layouts import ModuleIO, Role
+from .local_params import local_param
+from .redistribute import input_to_local, output_from_local
+from .sharded_linear import check_shardable, distribute_parameter
+
+__all__ = ["check_embedding", "parallelize_embedding"]
+
+
+def check_embedding(module: nn.Module, fqn: str, role: Role, world: int) -> None:
+    """Raise, without communicating, if ``module`` cannot be sharded ``role``-wise over ``world``.
+
+    Example::
+
+        >>> check_embedding(nn.Embedding(3, 8), "tok", "rowwise", 4)
+        Traceback (most recent call last):
+        ValueError: tok: RowwiseParallel cannot shard num_embeddings=3 over 4 ranks ...
+    """
+    name = fqn or type(module).__name__
+    style = "ColwiseParallel" if role == "colwise" else "RowwiseParallel"
+    if not isinstance(module, nn.Embedding):
+        raise RuntimeError(f"Expect a torch.nn.Embedding module but received {type(module)}!")
+    if isinstance(module.weight, DTensor):
+        raise RuntimeError(f"'{name}' is already parallelized (its weight is a DTensor).")
+    unsupported = [
+        ("max_norm", module.max_norm is not None),
+        ("sparse=True", module.sparse),
+        ("scale_grad_by_freq=True", role == "rowwise" and module.scale_grad_by_freq),
+    ]
+    for feature, on in unsupported:
+        if on:
+            raise NotImplementedError(
+                f"{name}: {style} on nn.Embedding does not support {feature}."
+            )
+    if role == "colwise":
+        check_shardable(name, style, "embedding_dim", module.embedding_dim, world)
+    else:
+        check_shardable(name, style, "num_embeddings", module.num_embeddings, world)
+
+
+class ShardedEmbeddingForward:
+    """The forward installed on a parallelized ``nn.Embedding`` (bound to it as a method)."""
+
+    def __init__(self, role: Role, mesh: DeviceMesh, io: ModuleIO, module: nn.Embedding) -> None:
+        self.role = role
+        self.mesh = mesh
+        self.io = io
+        self.dim = module.embedding_dim
+        world, rank = mesh.size(), mesh.get_local_rank()
+        self.start, self.rows = chunk_range(module.num_embeddings, world, rank)
+        pad = module.padding_idx
+        if role == "rowwise" and pad is not None:
+            pad = pad - self.start if self.start <= pad < self.start + self.rows else None
+        self.padding_idx = pad  # in local row numbers; None where this rank lacks the row
+
+    def __repr__(self) -> str:
+        return f"ShardedEmbeddingForward({self.role}, {self.io})"
+
+    def __call__(self, module: nn.Embedding, *args: Any, **kwargs: Any) -> Any:
+        if not args:
+            raise TypeError(f"{type(module).__name__}.forward() missing its input tensor")
+        ids = input_to_local(args[0], self.io, Replicate(), self.mesh)  # every id, every rank
+        w = local_param(module.weight)
+        assert w is not None  # an Embedding always has a weight
+        if self.role == "colwise":
+            y = F.embedding(
+                ids, w, self.padding_idx, scale_grad_by_freq=module.scale_grad_by_freq
+            )  # [..., D/W] Shard(-1)
+            return output_from_local(y, Shard(-1), self.io, self.mesh, size=self.dim)
+        return output_from_local(self._vocab_lookup(ids, w), Partial(), self.io, self.mesh)
+
+    def _vocab_lookup(self, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the lookup: its rows for its ids, zeros elsewhere (Partial)."""
+        if self.rows == 0:
+            # An empty vocabulary slice: a one-hot matmul over zero classes, so the (empty)
+            # weight still gets its gradient and every rank's optimizer sees the same params.
+            return torch.matmul(w.new_zeros((*ids.shape, 0)), w)  # [..., D] zeros
+        if self.mesh.size() == 1:
+            return F.embedding(ids, w, self.padding_idx)
+        outside = (ids < self.start) | (ids >= self.start + self.rows)
+        local_ids = (ids - self.start).masked_fill(outside, 0)
+        y = F.embedding(local_ids, w, self.padding_idx)  # [..., D]
+        # Zeroing the borrowed rows also zeroes their gradient: row 0 only learns its own ids.
+        return y.masked_fill(outside.unsqueeze(-1), 0.0)
+
+
+def parallelize_embedding(
+    module: nn.Embedding, mesh: DeviceMesh, role: Role, io: ModuleIO
+) -> nn.Embedding:
+    """Shard ``module`` by vocabulary (``rowwise``) or embedding dim (``colwise``) on ``mesh``.
+
+    Call :func:`check_embedding` first: this function communicates (it scatters weights).
+
+    Example::
+
+        >>> parallelize_embedding(model.tok, mesh, "rowwise", ModuleIO(Replicate(), Replicate()))
+    """
+    distribute_parameter(module, "weight", mesh, Shard(1) if role == "colwise" else Shard(0))
+    forward = ShardedEmbeddingForward(role, mesh, io, module)
+    module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
+    return module
