@@ -14,10 +14,12 @@ Example::
 from __future__ import annotations
 
 import fnmatch
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -27,7 +29,14 @@ from .multihead_attention_tp import (
     check_attention,
     parallelize_attention,
 )
-from .pairwise import is_mlp, is_transformer_layer, plan_mlp, shard_sequence_io
+from .pairwise import (
+    dropouts_inside_pairs,
+    is_mlp,
+    is_transformer_layer,
+    plan_mlp,
+    shard_sequence_io,
+)
+from .random import TensorParallelRNG, shard_dropout
 from .sequence_norm import check_norm, is_norm, shard_norm
 from .sharded_linear import shard_linear
 from .style import ModuleStyle, ParallelStyle, SequenceParallel
@@ -36,6 +45,7 @@ __all__ = ["Plan", "parallelize_module"]
 
 Plan = ParallelStyle | Mapping[str, Any]
 ATTENTION_TYPES = (nn.MultiheadAttention, TensorParallelMultiheadAttention)
+DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
 @dataclass
@@ -52,6 +62,19 @@ class _Planner:
     mesh: DeviceMesh
     steps: list[_Step] = field(default_factory=list)
     claimed: dict[int, str] = field(default_factory=dict)
+    _rng: TensorParallelRNG | None = None
+
+    @property
+    def rng(self) -> TensorParallelRNG:
+        """The sharded dropout stream for this call, seeded from ``torch.initial_seed()``."""
+        if self._rng is None:
+            self._rng = TensorParallelRNG(self.mesh, torch.initial_seed())
+        return self._rng
+
+    def shard_dropouts(self, modules: list[tuple[str, nn.Module]]) -> None:
+        for fqn, module in modules:
+            self.claim(module, fqn)
+            self.steps.append(_Step(fqn, module, functools.partial(shard_dropout, module, self.rng)))
 
     @property
     def world(self) -> int:
@@ -86,11 +109,19 @@ class _Planner:
         if isinstance(module, ATTENTION_TYPES):
             check_attention(module, fqn, self.world)
             self.claim(module, fqn)
-            attn, mesh = module, self.mesh
-            self.steps.append(_Step(fqn, module, lambda: parallelize_attention(attn, mesh, style)))
+            attn, mesh, rng = module, self.mesh, self.rng
+            self.steps.append(
+                _Step(fqn, module, lambda: _with_rng(parallelize_attention(attn, mesh, style), rng))
+            )
+            return 1
+        if isinstance(style, SequenceParallel) and isinstance(module, DROPOUT_TYPES):
+            self.shard_dropouts([(fqn, module)])
             return 1
         if is_mlp(module):
             specs = plan_mlp(module, fqn, style, self.world)  # type: ignore[arg-type]
+            self.shard_dropouts(
+                [(_join(fqn, name), m) for name, m in dropouts_inside_pairs(module)]
+            )
             for spec in specs:
                 self.claim(spec.module, spec.fqn)
                 self.steps.append(
@@ -137,6 +168,12 @@ class _Planner:
 
 def _with(module: nn.Module, fn: Callable[[nn.Module, DeviceMesh], None], mesh: DeviceMesh) -> nn.Module:
     fn(module, mesh)
+    return module
+
+
+def _with_rng(module: nn.Module, rng: TensorParallelRNG) -> nn.Module:
+    """Attach the sharded dropout stream to a module that draws per-rank masks."""
+    module._shardwise_rng = rng  # type: ignore[assignment]
     return module
 
 

@@ -40,7 +40,7 @@ def _move_grad_to_owner(local: torch.Tensor) -> None:
         # A replicated parameter used on sharded activations: each rank holds a partial sum.
         dist.all_reduce(grad, group=group)
     if owner.grad is None:
-        owner.grad = DTensor(grad, owner._spec, requires_grad=False)  # type: ignore[call-arg]
+        owner.grad = DTensor(grad, owner._spec, requires_grad=False)
     else:
         owner.grad._local_tensor.add_(grad)
 
@@ -56,7 +56,7 @@ def install_local_leaf(param: torch.nn.Parameter, sum_grads_over: ProcessGroup |
         >>> install_local_leaf(linear.weight)
         >>> install_local_leaf(layer_norm.weight, sum_grads_over=mesh.get_group())
     """
-    local = param._local_tensor
+    local: torch.Tensor = param._local_tensor  # type: ignore[attr-defined]
     local.requires_grad_(True)
     setattr(local, _OWNER, weakref.ref(param))
     setattr(local, _SUM_OVER, sum_grads_over)

@@ -221,7 +221,7 @@ def vocab_parallel_cross_entropy(
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}.")
     group, start, vocab = _vocab_slice(logits)
     target = _check_target(target, logits, ignore_index, vocab)
-    loss: torch.Tensor = _VocabParallelCrossEntropy.apply(  # type: ignore[no-untyped-call]
+    loss: torch.Tensor = _VocabParallelCrossEntropy.apply(
         logits.to_local(), target, group, start, vocab, ignore_index, float(label_smoothing)
     )  # [...] replicated
     if reduction == "sum":

@@ -29,7 +29,9 @@ def default_mesh() -> DeviceMesh:
         )
     backend = dist.get_backend()
     device_type = "cuda" if backend == "nccl" and torch.cuda.is_available() else "cpu"
-    return DeviceMesh.from_group(dist.group.WORLD, device_type)
+    world = dist.group.WORLD
+    assert world is not None
+    return DeviceMesh.from_group(world, device_type)
 
 
 def check_rank_in_mesh(mesh: DeviceMesh) -> None:

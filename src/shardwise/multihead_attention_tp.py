@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -260,15 +261,20 @@ class TensorParallelMultiheadAttention(nn.Module):
         causal_only = is_causal and key_padding_mask is None and not need_weights
         mask = None if causal_only else self._mask(attn_mask, key_padding_mask, q, k, rank)
         weights = None
+        # Each rank's heads draw their own dropout mask, from the TP-aware sharded stream.
+        rng = getattr(self, "_shardwise_rng", None)
+        with rng.sharded() if rng is not None and p > 0 else contextlib.nullcontext():
+            if need_weights:
+                scores = torch.matmul(q * math.sqrt(1.0 / self.head_dim), k.transpose(-2, -1))
+                if mask is not None:
+                    scores = scores + mask
+                attn = scores.softmax(dim=-1)
+                attn = F.dropout(attn, p=p) if p > 0 else attn
+                ctx = torch.matmul(attn, v)  # [N, H/W, L, hd]
+            else:
+                ctx = F.scaled_dot_product_attention(q, k, v, mask, p, is_causal=causal_only)
         if need_weights:
-            scores = torch.matmul(q * math.sqrt(1.0 / self.head_dim), k.transpose(-2, -1))
-            if mask is not None:
-                scores = scores + mask
-            attn = F.dropout(scores.softmax(dim=-1), p=p) if p > 0 else scores.softmax(dim=-1)
-            ctx = torch.matmul(attn, v)  # [N, H/W, L, hd]
             weights = self._global_weights(attn, group, average_attn_weights)
-        else:
-            ctx = F.scaled_dot_product_attention(q, k, v, mask, p, is_causal=causal_only)
         out = self.proj(self._merge_heads(ctx, unbatched))
         if unbatched and weights is not None:
             weights = weights.squeeze(0)

@@ -35,6 +35,7 @@ from .style import PairwiseParallel, SequenceParallel
 
 __all__ = [
     "LinearSpec",
+    "dropouts_inside_pairs",
     "is_mlp",
     "is_transformer_layer",
     "linear_children",
@@ -76,6 +77,28 @@ def is_mlp(module: nn.Module) -> bool:
         True
     """
     return len(linear_children(module)) >= 2
+
+
+def dropouts_inside_pairs(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Dropout children registered between a pair's column and row Linear.
+
+    Those act on the sharded hidden units, so each rank must draw its own mask. In
+    ``nn.TransformerEncoderLayer`` that is ``dropout`` (between ``linear1`` and
+    ``linear2``), while ``dropout1``/``dropout2`` act on replicated activations.
+
+    Example::
+
+        >>> [n for n, _ in dropouts_inside_pairs(nn.TransformerEncoderLayer(8, 2))]
+        ['dropout']
+    """
+    found: list[tuple[str, nn.Module]] = []
+    linears_seen = 0
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            linears_seen += 1
+        elif linears_seen % 2 == 1 and isinstance(child, nn.modules.dropout._DropoutNd):
+            found.append((name, child))
+    return found
 
 
 def is_transformer_layer(module: nn.Module) -> bool:
@@ -127,6 +150,8 @@ def plan_mlp(module: nn.Module, fqn: str, style: PairwiseParallel, world: int) -
         role: Role = "colwise" if i % 2 == 0 else "rowwise"
         child_fqn = _join(fqn, child)
         check_linear(linear, child_fqn, role, world)
+        fn_in: Any
+        fn_out: Any
         if role == "colwise":
             fn_in = first_in if i == 0 else make_input_replicate_1d
             fn_out = make_sharded_output_tensor
@@ -168,4 +193,4 @@ def shard_sequence_io(layer: nn.Module, mesh: DeviceMesh) -> None:
     """
     n_inputs = 2 if isinstance(layer, nn.TransformerDecoderLayer) else 1
     wrapped = _SequenceShardedForward(type(layer).forward, mesh, n_inputs)
-    layer.forward = types.MethodType(wrapped, layer)  # type: ignore[method-assign]
+    layer.forward = types.MethodType(wrapped, layer)

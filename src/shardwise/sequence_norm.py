@@ -60,7 +60,7 @@ def _layer_norm_forward(module: nn.LayerNorm, x: Any, *args: Any, **kwargs: Any)
     )
 
 
-def _rms_norm_forward(module: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
+def _rms_norm_forward(module: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     return F.rms_norm(x, module.normalized_shape, local_param(module.weight), module.eps)
 
 
@@ -81,5 +81,5 @@ def shard_norm(module: nn.Module, mesh: DeviceMesh) -> nn.Module:
         module.register_parameter(name, new)
         install_local_leaf(new, sum_grads_over=group if mesh.size() > 1 else None)
     forward = _layer_norm_forward if isinstance(module, nn.LayerNorm) else _rms_norm_forward
-    module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
+    module.forward = types.MethodType(forward, module)
     return module

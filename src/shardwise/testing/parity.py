@@ -141,13 +141,15 @@ def check_parity(
         x_ref = x.detach().clone().requires_grad_(x.is_floating_point())
         x_tp = mine(x.detach()).clone().requires_grad_(x.is_floating_point())
         out_ref = _first(invoke(ref, x_ref))
-        out_tp = _first(invoke(tp, x_tp))
-        _close(report, f"step {step} output", full(out_tp), mine(out_ref.detach()), atol, rtol)
+        out_tp = full(_first(invoke(tp, x_tp)))
+        assert out_tp is not None
+        _close(report, f"step {step} output", out_tp, mine(out_ref.detach()), atol, rtol)
         report.outputs += 1
         weight = torch.randn(out_ref.shape, generator=gen)
         (out_ref * weight).sum().backward()
-        (full(out_tp) * mine(weight)).sum().backward()
+        (out_tp * mine(weight)).sum().backward()
         if x.is_floating_point():
+            assert x_ref.grad is not None
             _close(report, f"step {step} input grad", x_tp.grad, mine(x_ref.grad), atol, rtol)
         for name, p_ref in ref.named_parameters():
             _close(report, f"step {step} grad of {name}", full(tp_params[name].grad), p_ref.grad, atol, rtol)

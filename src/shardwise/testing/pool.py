@@ -66,7 +66,7 @@ def _load(module: str, qualname: str, path: str | None) -> Callable[..., Any]:
             spec.loader.exec_module(obj)
     for part in qualname.split("."):
         obj = getattr(obj, part)
-    return obj  # type: ignore[no-any-return]
+    return obj
 
 
 def _worker(rank: int, world: int, port: int, conn: Connection, path: list[str], backend: str) -> None:
