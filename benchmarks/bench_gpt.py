@@ -9,7 +9,8 @@ Colwise q/k/v/up, Rowwise o/down) four ways from identical weights: shardwise, P
 ``torch.distributed.tensor.parallel`` (the peer; imported only here), a hand-written
 Megatron-style model with local shards, and an unsharded model run by each process alone
 (for the TP speedup). Steps (forward + backward + SGD) of all four are interleaved in one
-run so that machine noise hits them alike; the median step time of each is reported.
+run, in an order rotated every round, so that machine noise and cache effects hit them
+alike; the median step time of each is reported.
 Writes ``benchmarks/results/gpt.json`` and ``gpt.png``.
 """
 
@@ -110,8 +111,12 @@ def bench_hidden(hidden: int, args: argparse.Namespace, mesh, group) -> dict:
     steps = {name: make_step(model, x) for name, model in variants.items()}
     times: dict[str, list[float]] = {name: [] for name in steps}
     iters = args.iters if hidden < 1024 else max(5, args.iters // 6)
+    names = list(steps)
     for i in range(iters + args.warmup):
-        for name, step in steps.items():
+        # Rotate the order each round so that no variant always follows the same one
+        # (a large predecessor evicts caches; that must not favour or penalize anyone).
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            step = steps[name]
             dist.barrier()
             t0 = time.perf_counter()
             step()

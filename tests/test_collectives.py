@@ -7,37 +7,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.distributed.tensor.debug import CommDebugMode
 
 from models import MLP
 from shardwise import PairwiseParallel, SequenceParallel, parallelize_module
 from shardwise.testing import check_parity, mesh_of
+from shardwise.testing.comms import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, fwd_bwd_counts
 from shardwise.testing.models import GPTBlock, GPTStack, gpt_block_plan
 
-AR, AG, RS = "allreduce_", "_allgather_base_", "_reduce_scatter_base_"
-
-
-def _counts(comm: CommDebugMode) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for op, n in comm.get_comm_counts().items():
-        name = str(op).split(".")[-1]
-        out[name] = out.get(name, 0) + n
-    return out
-
-
-def _fwd_bwd_counts(model: torch.nn.Module, x: torch.Tensor) -> tuple[dict, dict]:
-    x = x.requires_grad_()
-    with CommDebugMode() as fwd:
-        y = model(x)
-    with CommDebugMode() as bwd:
-        y.sum().backward()
-    return _counts(fwd), _counts(bwd)
+AR, AG, RS = ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER
 
 
 def _mlp_counts(world: int, sp: bool) -> tuple[dict, dict]:
     torch.manual_seed(0)
     model = parallelize_module(MLP(), mesh_of(world), SequenceParallel() if sp else PairwiseParallel())
-    return _fwd_bwd_counts(model, torch.randn(8 // world if sp else 8, 2, 16))
+    return fwd_bwd_counts(model, torch.randn(8 // world if sp else 8, 2, 16))
 
 
 def _block_counts(world: int, sp: bool, depth: int) -> tuple[dict, dict]:
@@ -45,7 +28,7 @@ def _block_counts(world: int, sp: bool, depth: int) -> tuple[dict, dict]:
     model = GPTStack(32, 4, depth)
     model = parallelize_module(model, mesh_of(world), {"blocks.*": gpt_block_plan(sp)})
     seq = 16 // world if sp else 16
-    return _fwd_bwd_counts(model, torch.randn(seq, 2, 32))
+    return fwd_bwd_counts(model, torch.randn(seq, 2, 32))
 
 
 @pytest.mark.parametrize("world", [2, 4])

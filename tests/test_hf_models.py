@@ -30,6 +30,7 @@ from shardwise.hf import (
 )
 from shardwise.style import ColwiseParallel, RowwiseParallel
 from shardwise.testing import expect_raises, mesh_of
+from shardwise.testing.comms import comm_counts
 
 pytest.importorskip("transformers")  # shardwise.hf itself does not import it
 
@@ -244,14 +245,6 @@ def _errors(world: int) -> list[str]:
     return msgs
 
 
-def _counts(comm: CommDebugMode) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for op, n in comm.get_comm_counts().items():
-        name = str(op).split(".")[-1]
-        out[name] = out.get(name, 0) + n
-    return out
-
-
 def _collective_counts(world: int, kind: str) -> tuple[dict[str, int], dict[str, int]]:
     torch.manual_seed(0)
     tp = parallelize_hf(_build(kind), mesh_of(world))
@@ -260,7 +253,7 @@ def _collective_counts(world: int, kind: str) -> tuple[dict[str, int], dict[str,
         loss = tp(input_ids=ids, labels=ids).loss
     with CommDebugMode() as bwd:
         loss.backward()
-    return _counts(fwd), _counts(bwd)
+    return comm_counts(fwd), comm_counts(bwd)
 
 
 # -- tests ----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from torch.distributed.tensor.debug import CommDebugMode
 
 from shardwise import ColwiseParallel, parallelize_module, vocab_parallel_cross_entropy
 from shardwise.testing import expect_raises, full, mesh_of
+from shardwise.testing.comms import comm_counts
 
 IGNORE = -100
 WORLDS = [1, 2, 4]
@@ -21,10 +22,6 @@ WORLDS = [1, 2, 4]
 FULL = ((2, 3), 10)
 SHAPES = [((6,), 16), ((7,), 5), ((), 12)]
 ALL_TARGETS = ("kept", "some ignored", "all ignored")
-
-
-def _counts(comm: CommDebugMode) -> dict[str, int]:
-    return {str(op).split(".")[-1]: n for op, n in comm.get_comm_counts().items() if n}
 
 
 def _targets(lead: tuple[int, ...], vocab: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -84,7 +81,7 @@ def _check_all(mesh, placements, lead, vocab, dtype=torch.float32, targets=ALL_T
                     msg=lambda m, case=case: f"grad, {case}: {m}",
                 )
                 losses.append(out.detach())
-                counts.add((tuple(_counts(fwd).items()), tuple(_counts(bwd).items())))
+                counts.add((tuple(comm_counts(fwd).items()), tuple(comm_counts(bwd).items())))
     expected = ((("allreduce_", 2),), ()) if shard_world > 1 else ((), ())
     assert counts == {expected}, (counts, shard_world)
     return losses, counts

@@ -30,33 +30,19 @@ from shardwise import (
     parallelize_module,
 )
 from shardwise.testing import check_parity, expect_raises, full, mesh_of
+from shardwise.testing.comms import (
+    ALL_GATHER,
+    ALL_REDUCE,
+    REDUCE_SCATTER,
+    fwd_bwd_counts,
+)
 from shardwise.testing.models import GPTBlock, gpt_block_plan
 
 WORLDS = [1, 2, 4]
-AR, AG, RS = "allreduce_", "_allgather_base_", "_reduce_scatter_base_"
+AR, AG, RS = ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER
 
 
 # -- helpers (also used by test_embedding) ----------------------------------------------------
-def counts(comm: CommDebugMode) -> dict[str, int]:
-    """Collective counts by short op name."""
-    out: dict[str, int] = {}
-    for op, n in comm.get_comm_counts().items():
-        name = str(op).split(".")[-1]
-        out[name] = out.get(name, 0) + n
-    return out
-
-
-def fwd_bwd_counts(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, int], dict[str, int]]:
-    """Collectives of one forward and of its backward (loss: sum of the local output)."""
-    if x.is_floating_point():
-        x = x.requires_grad_()
-    with CommDebugMode() as fwd:
-        y = model(x)
-    with CommDebugMode() as bwd:
-        (y.to_local() if isinstance(y, DTensor) else y).sum().backward()
-    return counts(fwd), counts(bwd)
-
-
 def io_parity(
     build: Callable[[], nn.Module],
     plan: Any,

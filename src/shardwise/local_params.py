@@ -21,10 +21,12 @@ import weakref
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed import ProcessGroup
-from torch.distributed.tensor import DTensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Placement, distribute_tensor
 
-__all__ = ["install_local_leaf", "local_param"]
+__all__ = ["distribute_parameter", "install_local_leaf", "local_param"]
 
 _OWNER = "_shardwise_owner"
 _SUM_OVER = "_shardwise_sum_over"
@@ -83,3 +85,31 @@ def local_param(param: torch.Tensor | None) -> torch.Tensor | None:
         install_local_leaf(param)
         return local
     return param.to_local()
+
+
+def distribute_parameter(
+    module: nn.Module,
+    name: str,
+    mesh: DeviceMesh,
+    placement: Placement,
+    *,
+    sum_grads: bool = False,
+) -> None:
+    """Replace ``module.<name>`` by an ``nn.Parameter(DTensor)`` scattered from mesh coordinate 0.
+
+    The new parameter's local tensor becomes a gradient leaf (:func:`install_local_leaf`).
+    With ``sum_grads``, its gradients are summed over the mesh (a replicated weight used
+    on sharded activations). A missing parameter (``bias=None``) is left alone.
+
+    Example::
+
+        >>> distribute_parameter(linear, "weight", mesh, Shard(0))
+        >>> distribute_parameter(norm, "weight", mesh, Replicate(), sum_grads=True)
+    """
+    param = getattr(module, name)
+    if param is None:
+        return
+    dt = distribute_tensor(param.detach(), mesh, [placement])
+    new = nn.Parameter(dt, requires_grad=param.requires_grad)
+    module.register_parameter(name, new)
+    install_local_leaf(new, sum_grads_over=mesh.get_group() if sum_grads and mesh.size() > 1 else None)

@@ -20,9 +20,9 @@ from typing import Any
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate
 
-from .local_params import install_local_leaf, local_param
+from .local_params import distribute_parameter, local_param
 
 __all__ = ["NORM_TYPES", "check_norm", "is_norm", "shard_norm"]
 
@@ -74,12 +74,8 @@ def shard_norm(module: nn.Module, mesh: DeviceMesh) -> nn.Module:
 
         >>> shard_norm(block.ln1, mesh)
     """
-    group = mesh.get_group()
-    for name, param in list(module.named_parameters(recurse=False)):
-        dt = distribute_tensor(param.detach(), mesh, [Replicate()])
-        new = nn.Parameter(dt, requires_grad=param.requires_grad)
-        module.register_parameter(name, new)
-        install_local_leaf(new, sum_grads_over=group if mesh.size() > 1 else None)
+    for name, _ in list(module.named_parameters(recurse=False)):
+        distribute_parameter(module, name, mesh, Replicate(), sum_grads=True)
     forward = _layer_norm_forward if isinstance(module, nn.LayerNorm) else _rms_norm_forward
     module.forward = types.MethodType(forward, module)
     return module

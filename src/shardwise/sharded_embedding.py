@@ -32,9 +32,9 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from .collectives import chunk_range
 from .layouts import ModuleIO, Role
-from .local_params import local_param
+from .local_params import distribute_parameter, local_param
 from .redistribute import input_to_local, output_from_local
-from .sharded_linear import check_shardable, distribute_parameter
+from .sharded_linear import check_shardable
 
 __all__ = ["check_embedding", "parallelize_embedding"]
 

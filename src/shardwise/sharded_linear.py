@@ -27,18 +27,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from . import collectives as C
 from .layouts import ModuleIO, PrepareFn, Role, io_from_functions, normalize
-from .local_params import install_local_leaf, local_param
+from .local_params import distribute_parameter, local_param
 from .redistribute import input_to_local, output_from_local
 
 __all__ = [
     "Role",
     "check_linear",
     "check_shardable",
-    "distribute_parameter",
     "parallelize_linear",
     "shard_linear",
 ]
@@ -86,24 +85,6 @@ def check_linear(module: nn.Module, fqn: str, role: Role, world: int) -> None:
     )
     style = "ColwiseParallel" if role == "colwise" else "RowwiseParallel"
     check_shardable(name, style, label, features, world)
-
-
-def distribute_parameter(
-    module: nn.Module, name: str, mesh: DeviceMesh, placement: Shard | Replicate
-) -> None:
-    """Replace ``module.<name>`` by an ``nn.Parameter(DTensor)`` scattered from mesh coordinate 0.
-
-    Example::
-
-        >>> distribute_parameter(linear, "weight", mesh, Shard(0))
-    """
-    param = getattr(module, name)
-    if param is None:
-        return
-    dt = distribute_tensor(param.detach(), mesh, [placement])
-    new = nn.Parameter(dt, requires_grad=param.requires_grad)
-    module.register_parameter(name, new)
-    install_local_leaf(new)
 
 
 class _AddBiasOnce(torch.autograd.Function):

@@ -34,12 +34,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.distributed import ProcessGroup
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from .. import collectives as C
-from ..local_params import install_local_leaf, local_param
+from ..local_params import distribute_parameter, local_param
 from ..style import ModuleStyle
 
 __all__ = ["ColwiseConv1D", "RowwiseConv1D", "is_conv1d"]
@@ -79,16 +78,6 @@ def _check(module: Any, fqn: str, style: str, features: int, label: str, split: 
             f"{name}: {style} splits {label}={features} into {split} equal pieces "
             "(parts x tensor-parallel size); it is not divisible."
         )
-
-
-def _distribute(module: nn.Module, name: str, mesh: DeviceMesh, placement: Placement) -> None:
-    param = getattr(module, name)
-    if param is None:
-        return
-    dt = distribute_tensor(param.detach(), mesh, [placement])
-    new = nn.Parameter(dt, requires_grad=param.requires_grad)
-    module.register_parameter(name, new)
-    install_local_leaf(new)
 
 
 class _Conv1DForward:
@@ -162,8 +151,8 @@ class ColwiseConv1D(ModuleStyle):
 
             >>> ColwiseConv1D(parts=3).apply(gpt2.transformer.h[0].attn.c_attn, mesh)
         """
-        _distribute(module, "weight", mesh, self._placement(1))
-        _distribute(module, "bias", mesh, self._placement(0))
+        distribute_parameter(module, "weight", mesh, self._placement(1))
+        distribute_parameter(module, "bias", mesh, self._placement(0))
         module.forward = types.MethodType(_Conv1DForward("colwise", mesh.get_group()), module)
         return module
 
@@ -203,7 +192,7 @@ class RowwiseConv1D(ModuleStyle):
 
             >>> RowwiseConv1D().apply(gpt2.transformer.h[0].mlp.c_proj, mesh)
         """
-        _distribute(module, "weight", mesh, Shard(0))
-        _distribute(module, "bias", mesh, Replicate())
+        distribute_parameter(module, "weight", mesh, Shard(0))
+        distribute_parameter(module, "bias", mesh, Replicate())
         module.forward = types.MethodType(_Conv1DForward("rowwise", mesh.get_group()), module)
         return module

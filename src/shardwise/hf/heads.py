@@ -44,11 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate
 
 from .. import collectives as C
-from ..local_params import install_local_leaf, local_param
+from ..local_params import distribute_parameter, local_param
 from ..style import ModuleStyle
 
 __all__ = ["AttentionHeads", "ColwiseHeads", "HeadLayout", "RowwiseHeads", "head_layout"]
@@ -297,19 +296,6 @@ def _check_head_linear(
         raise ValueError(f"{name}: {style} expects {label}={want}, but the module has {features}.")
 
 
-def _replicate(module: nn.Module, name: str, mesh: DeviceMesh, sum_grads: bool) -> None:
-    param = getattr(module, name)
-    if param is None:
-        return
-    new = nn.Parameter(
-        distribute_tensor(param.detach(), mesh, [Replicate()]), requires_grad=param.requires_grad
-    )
-    module.register_parameter(name, new)
-    install_local_leaf(
-        new, sum_grads_over=mesh.get_group() if sum_grads and mesh.size() > 1 else None
-    )
-
-
 class _HeadsForward:
     """Forward of a replicated Linear that computes only this rank's head rows/columns."""
 
@@ -389,8 +375,8 @@ class ColwiseHeads(ModuleStyle):
         """
         layout = head_layout(self.heads, self.kv_heads, mesh.size())
         start, stop = (layout.q if self.part == "q" else layout.kv)[mesh.get_local_rank()]
-        _replicate(module, "weight", mesh, sum_grads=True)
-        _replicate(module, "bias", mesh, sum_grads=True)
+        distribute_parameter(module, "weight", mesh, Replicate(), sum_grads=True)
+        distribute_parameter(module, "bias", mesh, Replicate(), sum_grads=True)
         span = slice(start * self.head_dim, stop * self.head_dim)
         module.forward = types.MethodType(_HeadsForward("colwise", span, mesh.get_group()), module)
         return module
@@ -440,8 +426,8 @@ class RowwiseHeads(ModuleStyle):
         """
         layout = head_layout(self.heads, self.kv_heads, mesh.size())
         start, stop = layout.q[mesh.get_local_rank()]
-        _replicate(module, "weight", mesh, sum_grads=True)
-        _replicate(module, "bias", mesh, sum_grads=False)  # added after the all-reduce
+        distribute_parameter(module, "weight", mesh, Replicate(), sum_grads=True)
+        distribute_parameter(module, "bias", mesh, Replicate(), sum_grads=False)  # added after the all-reduce
         span = slice(start * self.head_dim, stop * self.head_dim)
         module.forward = types.MethodType(_HeadsForward("rowwise", span, mesh.get_group()), module)
         return module
