@@ -9,8 +9,8 @@ Colwise q/k/v/up, Rowwise o/down) four ways from identical weights: shardwise, P
 ``torch.distributed.tensor.parallel`` (the peer; imported only here), a hand-written
 Megatron-style model with local shards, and an unsharded model run by each process alone
 (for the TP speedup). Steps (forward + backward + SGD) of all four are interleaved in one
-run, in an order rotated every round, so that machine noise and cache effects hit them
-alike; the median step time of each is reported.
+run, in a freshly shuffled order every round, so that machine noise and cache effects
+hit them alike; the median step time of each is reported.
 Writes ``benchmarks/results/gpt.json`` and ``gpt.png``.
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import random
 import os
 import statistics
 import sys
@@ -113,9 +114,10 @@ def bench_hidden(hidden: int, args: argparse.Namespace, mesh, group) -> dict:
     iters = args.iters if hidden < 1024 else max(5, args.iters // 6)
     names = list(steps)
     for i in range(iters + args.warmup):
-        # Rotate the order each round so that no variant always follows the same one
-        # (a large predecessor evicts caches; that must not favour or penalize anyone).
-        for name in names[i % len(names):] + names[: i % len(names)]:
+        # A fresh order each round (seeded, so every rank agrees) so that no variant always
+        # follows the same one: a large predecessor evicts caches, and that must hit all
+        # variants alike. (A rotation would not do: it keeps the cyclic neighbours.)
+        for name in random.Random(i).sample(names, len(names)):
             step = steps[name]
             dist.barrier()
             t0 = time.perf_counter()
