@@ -154,6 +154,11 @@ class ShardedLinearForward:
         self.first = mesh.get_local_rank() == 0
         self.io = io
         self.features = features  # global out_features (colwise) or in_features (rowwise)
+        plain = io.input_fn is None and io.output_fn is None and io.use_local_output
+        # The common layouts, decided once here rather than on every call.
+        self.local_out = plain and _is_last_dim_shard(io.output_layout)  # colwise, no output move
+        self.replicate_in = plain and io.input_layout is not None and io.input_layout.is_replicate()
+        self.last_dim_in = plain and _is_last_dim_shard(io.input_layout)  # rowwise, input as is
 
     def __repr__(self) -> str:
         return f"ShardedLinearForward({self.role}, {self.io})"
@@ -165,9 +170,18 @@ class ShardedLinearForward:
         w, b = local_param(module.weight), local_param(module.bias)
         assert w is not None  # a Linear always has a weight
         if self.role == "colwise":
+            if self.replicate_in and self.local_out and _is_plain(x):  # the seed default
+                group = self.group
+                x_in = _shared_entry("f", x, group, 0, lambda: C.copy_to_region(x, group))
+                return F.linear(x_in, w, b)  # [..., out/W] Shard(-1), local
             y = F.linear(self._colwise_input(x), w, b)  # [..., out/W] Shard(-1)
+            if self.local_out:
+                return y
             return output_from_local(y, Shard(-1), self.io, self.mesh, size=self.features)
-        y = F.linear(input_to_local(x, self.io, Shard(-1), self.mesh), w)  # [..., out] Partial
+        if self.last_dim_in and _is_plain(x):  # the seed default: this rank's feature slice
+            y = F.linear(x, w)  # [..., out] Partial
+        else:
+            y = F.linear(input_to_local(x, self.io, Shard(-1), self.mesh), w)  # [..., out] Partial
         io = self.io
         if io.output_fn is None and io.output_layout.is_replicate():
             # Replicated output: add the bias after the all-reduce, as hand-written code does;
@@ -194,6 +208,11 @@ class ShardedLinearForward:
                     "ag", x, group, dim, lambda: C.gather_from_sequence_region(x, group, dim)
                 )
         return input_to_local(x, io, Replicate(), self.mesh, partial_grad=True)
+
+
+def _is_last_dim_shard(placement: Any) -> bool:
+    """``Shard(-1)``, the last-dim shard whatever the tensor's rank."""
+    return type(placement) is Shard and placement.dim == -1
 
 
 def _is_plain(x: Any) -> bool:
