@@ -170,10 +170,6 @@ class ShardedLinearForward:
         w, b = local_param(module.weight), local_param(module.bias)
         assert w is not None  # a Linear always has a weight
         if self.role == "colwise":
-            if self.replicate_in and self.local_out and _is_plain(x):  # the seed default
-                group = self.group
-                x_in = _shared_entry("f", x, group, 0, lambda: C.copy_to_region(x, group))
-                return F.linear(x_in, w, b)  # [..., out/W] Shard(-1), local
             y = F.linear(self._colwise_input(x), w, b)  # [..., out/W] Shard(-1)
             if self.local_out:
                 return y
@@ -198,8 +194,9 @@ class ShardedLinearForward:
     def _colwise_input(self, x: Any) -> Any:
         io, group = self.io, self.group
         if io.input_fn is None and io.input_layout is not None and _is_plain(x):
-            src = normalize(io.input_layout, x.dim())
             # One entry collective per activation, however many projections read it.
+            # ``replicate_in`` (the seed default) is decided at install: no normalize here.
+            src = Replicate() if self.replicate_in else normalize(io.input_layout, x.dim())
             if src.is_replicate():
                 return _shared_entry("f", x, group, 0, lambda: C.copy_to_region(x, group))
             if type(src) is Shard:
