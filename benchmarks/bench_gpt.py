@@ -10,7 +10,9 @@ Colwise q/k/v/up, Rowwise o/down) four ways from identical weights: shardwise, P
 Megatron-style model with local shards, and an unsharded model run by each process alone
 (for the TP speedup). Steps (forward + backward + SGD) of all four are interleaved in one
 run, in a freshly shuffled order every round, so that machine noise and cache effects
-hit them alike; the median step time of each is reported.
+hit them alike. A step's time is its slower rank's; the median step time of each variant
+is reported, and each ratio of medians comes with a 90% bootstrap interval (resampling
+whole rounds) to show how far the run's noise could move it.
 Writes ``benchmarks/results/gpt.json`` and ``gpt.png``.
 """
 
@@ -18,9 +20,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
-import random
 import os
+import random
 import statistics
 import sys
 import time
@@ -60,7 +63,9 @@ def make_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     from torch.distributed.tensor import DTensor
 
     params = list(model.parameters())
-    groups = [{"params": [p for p in params if isinstance(p, DTensor) is kind]} for kind in (True, False)]
+    groups = [
+        {"params": [p for p in params if isinstance(p, DTensor) is kind]} for kind in (True, False)
+    ]
     opt = torch.optim.SGD([g for g in groups if g["params"]], lr=1e-4, foreach=True)
 
     def step() -> None:
@@ -110,26 +115,43 @@ def bench_hidden(hidden: int, args: argparse.Namespace, mesh, group) -> dict:
             if not torch.allclose(got, want, atol=1e-4, rtol=1e-3):
                 raise AssertionError(f"{name} disagrees with the reference at hidden={hidden}")
     steps = {name: make_step(model, x) for name, model in variants.items()}
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    iters = args.iters if hidden < 1024 else max(5, args.iters // 6)
     names = list(steps)
+    iters = args.iters if hidden < 1024 else max(8, args.iters // 8)
+    # Settle the heap, and move everything built so far out of the cyclic collector's
+    # reach, so a full collection costs the same whichever variant happens to trigger it.
+    gc.collect()
+    gc.freeze()
+    rounds = []
     for i in range(iters + args.warmup):
         # A fresh order each round (seeded, so every rank agrees) so that no variant always
         # follows the same one: a large predecessor evicts caches, and that must hit all
         # variants alike. (A rotation would not do: it keeps the cyclic neighbours.)
+        times = {}
         for name in random.Random(i).sample(names, len(names)):
             step = steps[name]
             dist.barrier()
             t0 = time.perf_counter()
             step()
-            elapsed = time.perf_counter() - t0
-            if i >= args.warmup:
-                times[name].append(elapsed)
-    median = {n: statistics.median(t) for n, t in times.items()}
-    # Each rank's number is its own; the slower rank bounds the step.
-    med_t = torch.tensor([median[n] for n in steps])
-    dist.all_reduce(med_t, op=dist.ReduceOp.MAX)
-    median = dict(zip(steps, med_t.tolist()))
+            times[name] = time.perf_counter() - t0
+        if i >= args.warmup:
+            rounds.append([times[n] for n in names])
+    gc.unfreeze()
+    # A step takes as long as its slower rank.
+    per_round = torch.tensor(rounds, dtype=torch.float64)
+    dist.all_reduce(per_round, op=dist.ReduceOp.MAX)
+    step_s = {n: per_round[:, j].tolist() for j, n in enumerate(names)}
+    median = {n: statistics.median(t) for n, t in step_s.items()}
+
+    def ratio(num: str, den: str) -> dict[str, float]:
+        """median(num) / median(den), with a 90% bootstrap interval over the rounds."""
+        a, b = step_s[num], step_s[den]
+        rng = random.Random(hidden)
+        boot = []
+        for _ in range(1000):
+            idx = rng.choices(range(len(a)), k=len(a))
+            boot.append(statistics.median(a[i] for i in idx) / statistics.median(b[i] for i in idx))
+        lo, hi = statistics.quantiles(boot, n=20)[0], statistics.quantiles(boot, n=20)[-1]
+        return {"ratio": median[num] / median[den], "lo": lo, "hi": hi}
 
     sp_model = shardwise.parallelize_module(
         copy.deepcopy(reference), mesh, {"blocks.*": gpt_block_plan(sequence_parallel=True)}
@@ -146,9 +168,9 @@ def bench_hidden(hidden: int, args: argparse.Namespace, mesh, group) -> dict:
         "heads": heads,
         "median_step_s": median,
         "tokens_per_s": {n: tokens / t for n, t in median.items()},
-        "shardwise_over_hand_written": median["shardwise"] / median["hand_written"],
-        "shardwise_over_torch_tp": median["shardwise"] / median["torch_tp"],
-        "tp_speedup_over_one_process": median["single_process"] / median["shardwise"],
+        "shardwise_over_hand_written": ratio("shardwise", "hand_written"),
+        "shardwise_over_torch_tp": ratio("shardwise", "torch_tp"),
+        "tp_speedup_over_one_process": ratio("single_process", "shardwise"),
         "activation_bytes_per_rank": memory,
         "iters": iters,
     }
@@ -162,21 +184,36 @@ def plot(rows: list[dict], path: Path) -> None:
 
     hs = [r["hidden"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(hs, [r["shardwise_over_hand_written"] for r in rows], "o-", label="shardwise / hand-written")
-    ax.plot(hs, [r["shardwise_over_torch_tp"] for r in rows], "s-", label="shardwise / torch TP")
-    ax.plot(hs, [r["tp_speedup_over_one_process"] for r in rows], "^-", label="TP=2 speedup vs 1 process")
+    series = [
+        ("shardwise_over_hand_written", "o-", "shardwise / hand-written"),
+        ("shardwise_over_torch_tp", "s-", "shardwise / torch TP"),
+        ("tp_speedup_over_one_process", "^-", "TP=2 speedup vs 1 process"),
+    ]
+    for key, fmt, label in series:
+        med = [r[key]["ratio"] for r in rows]
+        err = [
+            [m - r[key]["lo"] for m, r in zip(med, rows)],
+            [r[key]["hi"] - m for m, r in zip(med, rows)],
+        ]
+        ax.errorbar(hs, med, yerr=err, fmt=fmt, capsize=3, label=label)
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("hidden size")
-    ax.set_ylabel("ratio (step time)")
+    ax.set_ylabel("ratio of median step times (90% CI)")
     ax.set_title("GPT block train step, 2 gloo ranks, 1 thread each")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
+def _fmt(ratio: dict[str, float]) -> str:
+    return f"{ratio['ratio']:.3f} [{ratio['lo']:.3f}, {ratio['hi']:.3f}]"
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--hidden", type=int, nargs="+", default=[64, 256, 1024, 2048])
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
@@ -201,23 +238,31 @@ def main() -> None:
                 f"hidden {hidden:5d}: shardwise {m['shardwise'] * 1e3:8.2f} ms  "
                 f"torch TP {m['torch_tp'] * 1e3:8.2f} ms  hand-written {m['hand_written'] * 1e3:8.2f} ms  "
                 f"1 process {m['single_process'] * 1e3:8.2f} ms | "
-                f"sw/hand {row['shardwise_over_hand_written']:.3f}  "
-                f"sw/torch {row['shardwise_over_torch_tp']:.3f}  "
-                f"TP speedup {row['tp_speedup_over_one_process']:.2f}  "
+                f"sw/hand {_fmt(row['shardwise_over_hand_written'])}  "
+                f"sw/torch {_fmt(row['shardwise_over_torch_tp'])}  "
+                f"TP speedup {_fmt(row['tp_speedup_over_one_process'])}  "
                 f"tokens/s {row['tokens_per_s']['shardwise']:.0f}",
                 flush=True,
             )
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
-        meta = {"world_size": world, "torch": torch.__version__, "depth": args.depth,
-                "batch": args.batch, "seq": args.seq, "threads_per_process": 1}
+        meta = {
+            "world_size": world,
+            "torch": torch.__version__,
+            "depth": args.depth,
+            "batch": args.batch,
+            "seq": args.seq,
+            "threads_per_process": 1,
+        }
         (args.out / "gpt.json").write_text(json.dumps({"config": meta, "rows": rows}, indent=2))
         plot(rows, args.out / "gpt.png")
         print("activation bytes per rank (saved for backward, one forward):")
         for r in rows:
             mem = r["activation_bytes_per_rank"]
-            print(f"  hidden {r['hidden']:5d}: 1 process {mem['single_process'] / 2**20:7.2f} MiB  "
-                  f"TP {mem['shardwise_tp'] / 2**20:7.2f} MiB  TP+SP {mem['shardwise_tp_sp'] / 2**20:7.2f} MiB")
+            print(
+                f"  hidden {r['hidden']:5d}: 1 process {mem['single_process'] / 2**20:7.2f} MiB  "
+                f"TP {mem['shardwise_tp'] / 2**20:7.2f} MiB  TP+SP {mem['shardwise_tp_sp'] / 2**20:7.2f} MiB"
+            )
         print(f"wrote {args.out / 'gpt.json'} and {args.out / 'gpt.png'}")
     dist.destroy_process_group()
 

@@ -49,12 +49,16 @@ class MegatronGPTBlock(nn.Module):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
 
         def col(lin: nn.Linear) -> tuple[nn.Parameter, nn.Parameter]:
-            return (nn.Parameter(lin.weight.detach().chunk(world, 0)[rank].clone()),
-                    nn.Parameter(lin.bias.detach().chunk(world, 0)[rank].clone()))
+            return (
+                nn.Parameter(lin.weight.detach().chunk(world, 0)[rank].clone()),
+                nn.Parameter(lin.bias.detach().chunk(world, 0)[rank].clone()),
+            )
 
         def row(lin: nn.Linear) -> tuple[nn.Parameter, nn.Parameter]:
-            return (nn.Parameter(lin.weight.detach().chunk(world, 1)[rank].clone()),
-                    nn.Parameter(lin.bias.detach().clone()))
+            return (
+                nn.Parameter(lin.weight.detach().chunk(world, 1)[rank].clone()),
+                nn.Parameter(lin.bias.detach().clone()),
+            )
 
         self.head_dim = full.head_dim
         self.ln1, self.ln2 = full.ln1, full.ln2

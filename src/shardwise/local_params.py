@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,22 +30,33 @@ from torch.distributed.tensor import DTensor, Placement, distribute_tensor
 __all__ = ["distribute_parameter", "install_local_leaf", "local_param"]
 
 _OWNER = "_shardwise_owner"
-_SUM_OVER = "_shardwise_sum_over"
 
 
-def _move_grad_to_owner(local: torch.Tensor) -> None:
-    owner = getattr(local, _OWNER)()
-    grad, local.grad = local.grad, None
-    if owner is None or grad is None:
-        return
-    group = getattr(local, _SUM_OVER, None)
-    if group is not None:
-        # A replicated parameter used on sharded activations: each rank holds a partial sum.
-        dist.all_reduce(grad, group=group)
-    if owner.grad is None:
-        owner.grad = DTensor(grad, owner._spec, requires_grad=False)
-    else:
-        owner.grad._local_tensor.add_(grad)
+def _grad_mover(owner_ref: weakref.ref[torch.Tensor], group: ProcessGroup | None) -> Any:
+    """The post-accumulate-grad hook that hands a local leaf's gradient to its DTensor owner.
+
+    A closure over the owner and the group, so the hook (run once per parameter per
+    backward) reads no tensor attributes beyond ``grad``.
+    """
+
+    def move(local: torch.Tensor) -> None:
+        grad = local.grad
+        local.grad = None
+        owner = owner_ref()
+        if owner is None or grad is None:
+            return
+        if group is not None:
+            # A replicated parameter used on sharded activations: each rank holds a partial sum.
+            dist.all_reduce(grad, group=group)
+        owner_grad = owner.grad
+        if owner_grad is None:
+            # ``DTensor.__new__`` (C++ in recent torch) without the Python ``__init__``
+            # wrappers, which do nothing here and cost twice as much as the tensor itself.
+            owner.grad = DTensor.__new__(DTensor, grad, owner._spec, requires_grad=False)  # type: ignore[attr-defined]
+        else:
+            owner_grad._local_tensor.add_(grad)
+
+    return move
 
 
 def install_local_leaf(param: torch.nn.Parameter, sum_grads_over: ProcessGroup | None = None) -> None:
@@ -60,9 +72,9 @@ def install_local_leaf(param: torch.nn.Parameter, sum_grads_over: ProcessGroup |
     """
     local: torch.Tensor = param._local_tensor  # type: ignore[attr-defined]
     local.requires_grad_(True)
-    setattr(local, _OWNER, weakref.ref(param))
-    setattr(local, _SUM_OVER, sum_grads_over)
-    local.register_post_accumulate_grad_hook(_move_grad_to_owner)
+    owner_ref = weakref.ref(param)
+    setattr(local, _OWNER, owner_ref)
+    local.register_post_accumulate_grad_hook(_grad_mover(owner_ref, sum_grads_over))
 
 
 def local_param(param: torch.Tensor | None) -> torch.Tensor | None:
