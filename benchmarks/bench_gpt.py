@@ -59,14 +59,9 @@ def torch_tp(model: nn.Module, mesh) -> nn.Module:
 
 def make_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     # foreach=True for every variant (torch's default turns foreach off for DTensor
-    # params); one group per tensor type, since a foreach op cannot mix DTensor and Tensor.
-    from torch.distributed.tensor import DTensor
-
-    params = list(model.parameters())
-    groups = [
-        {"params": [p for p in params if isinstance(p, DTensor) is kind]} for kind in (True, False)
-    ]
-    opt = torch.optim.SGD([g for g in groups if g["params"]], lr=1e-4, foreach=True)
+    # params), with DTensor and plain params in separate groups (a foreach op cannot mix
+    # them); for the plain-parameter variants this is a single group.
+    opt = torch.optim.SGD(shardwise.foreach_param_groups(model.parameters()), lr=1e-4, foreach=True)
 
     def step() -> None:
         model(x).float().pow(2).mean().backward()

@@ -42,7 +42,7 @@ def main() -> None:
     reference = TinyTransformerLM(seq_len=args.seq)
     model = shardwise.parallelize_module(copy.deepcopy(reference), mesh, shardwise.PairwiseParallel())
     opt_ref = torch.optim.AdamW(reference.parameters(), lr=3e-3)
-    opt_tp = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt_tp = torch.optim.AdamW(shardwise.foreach_param_groups(model.parameters()), lr=3e-3, foreach=True)
 
     data = torch.Generator().manual_seed(1)
     worst = 0.0

@@ -13,6 +13,7 @@ from .clip_grad import clip_grad_norm_
 from .fsdp import enable_2d_with_fsdp
 from .loss import vocab_parallel_cross_entropy
 from .multihead_attention_tp import TensorParallelMultiheadAttention
+from .optim import foreach_param_groups
 from .prepare import PrepareModuleInput, PrepareModuleInputOutput, PrepareModuleOutput
 from .style import (
     ColwiseParallel,
@@ -47,6 +48,7 @@ __all__ = [
     "TensorParallelMultiheadAttention",
     "clip_grad_norm_",
     "enable_2d_with_fsdp",
+    "foreach_param_groups",
     "make_input_replicate_1d",
     "make_input_reshard_replicate",
     "make_input_shard_1d",
