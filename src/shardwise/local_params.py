@@ -32,7 +32,7 @@ __all__ = ["distribute_parameter", "install_local_leaf", "local_param"]
 _OWNER = "_shardwise_owner"
 
 
-def _grad_mover(owner_ref: weakref.ref[torch.Tensor], group: ProcessGroup | None) -> Any:
+def _grad_mover(owner_ref: weakref.ref[nn.Parameter], group: ProcessGroup | None) -> Any:
     """The post-accumulate-grad hook that hands a local leaf's gradient to its DTensor owner.
 
     A closure over the owner and the group, so the hook (run once per parameter per
@@ -54,7 +54,7 @@ def _grad_mover(owner_ref: weakref.ref[torch.Tensor], group: ProcessGroup | None
             # wrappers, which do nothing here and cost twice as much as the tensor itself.
             owner.grad = DTensor.__new__(DTensor, grad, owner._spec, requires_grad=False)  # type: ignore[attr-defined]
         else:
-            owner_grad._local_tensor.add_(grad)
+            owner_grad._local_tensor.add_(grad)  # type: ignore[attr-defined]
 
     return move
 

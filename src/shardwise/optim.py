@@ -51,7 +51,7 @@ def foreach_param_groups(
             "foreach_param_groups() takes either parameters or parameter-group dicts, not both"
         )
     groups: list[dict[str, Any]] = (
-        [dict(g) for g in items] if all(dicts) else [{"params": items}]  # type: ignore[arg-type]
+        [dict(g) for g in items if isinstance(g, dict)] if all(dicts) else [{"params": items}]
     )
     out = []
     for index, group in enumerate(groups):
