@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Placement, Replicate
 
 from .mesh import default_mesh, tp_submesh
 from .multihead_attention_tp import (
@@ -38,8 +39,9 @@ from .pairwise import (
 )
 from .random import TensorParallelRNG, shard_dropout
 from .sequence_norm import check_norm, is_norm, shard_norm
-from .sharded_linear import shard_linear
+from .sharded_linear import linear_placements, shard_linear
 from .style import ModuleStyle, ParallelStyle, SequenceParallel
+from .ties import check_ties, retie
 
 __all__ = ["Plan", "parallelize_module"]
 
@@ -62,6 +64,8 @@ class _Planner:
     mesh: DeviceMesh
     steps: list[_Step] = field(default_factory=list)
     claimed: dict[int, str] = field(default_factory=dict)
+    # Modules whose parameters the plan replaces, with the placements their styles declare.
+    owned: dict[int, tuple[str, Mapping[str, Placement] | None]] = field(default_factory=dict)
     _rng: TensorParallelRNG | None = None
 
     @property
@@ -80,6 +84,11 @@ class _Planner:
     def world(self) -> int:
         return self.mesh.size()
 
+    def own(self, module: nn.Module, fqn: str, placements: Mapping[str, Placement] | None) -> None:
+        """Claim ``module`` for a style that replaces its parameters (see :mod:`.ties`)."""
+        self.claim(module, fqn)
+        self.owned[id(module)] = (fqn, placements)
+
     def claim(self, module: nn.Module, fqn: str) -> None:
         previous = self.claimed.get(id(module))
         if previous is not None:
@@ -96,19 +105,19 @@ class _Planner:
             # Colwise/Rowwise (Linear, Embedding), PrepareModule*, and users' own styles.
             style.check(module, fqn, self.mesh)
             if style.exclusive:
-                self.claim(module, fqn)
+                self.own(module, fqn, style.param_placements(module))
             target, mesh = module, self.mesh
             self.steps.append(_Step(fqn, module, lambda: style.apply(target, mesh)))
             return 1
         if isinstance(style, SequenceParallel) and is_norm(module):
             check_norm(module, fqn)
-            self.claim(module, fqn)
+            self.own(module, fqn, {"weight": Replicate(), "bias": Replicate()})
             norm, mesh = module, self.mesh
             self.steps.append(_Step(fqn, module, lambda: shard_norm(norm, mesh)))
             return 1
         if isinstance(module, ATTENTION_TYPES):
             check_attention(module, fqn, self.world)
-            self.claim(module, fqn)
+            self.own(module, fqn, None)
             attn, mesh, rng = module, self.mesh, self.rng
             self.steps.append(
                 _Step(fqn, module, lambda: _with_rng(parallelize_attention(attn, mesh, style), rng))
@@ -123,7 +132,7 @@ class _Planner:
                 [(_join(fqn, name), m) for name, m in dropouts_inside_pairs(module)]
             )
             for spec in specs:
-                self.claim(spec.module, spec.fqn)
+                self.own(spec.module, spec.fqn, linear_placements(spec.role))
                 self.steps.append(
                     _Step(spec.fqn, spec.module, _linear_step(spec, self.mesh))
                 )
@@ -284,9 +293,12 @@ def parallelize_module(
     else:
         planner.plan_dict(module, "", parallelize_plan)
 
+    ties = check_ties(module, planner.owned)  # the last check: nothing has moved yet
+
     root = module
     for step in planner.steps:
         new = step.apply()
         if new is not step.module:
             root = _set_submodule(root, step.fqn, new)
+    retie(ties)
     return root

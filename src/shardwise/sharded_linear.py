@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
 from . import collectives as C
 from .layouts import ModuleIO, PrepareFn, Role, io_from_functions, normalize
@@ -38,6 +38,7 @@ __all__ = [
     "Role",
     "check_linear",
     "check_shardable",
+    "linear_placements",
     "parallelize_linear",
     "shard_linear",
 ]
@@ -216,6 +217,19 @@ def _is_plain(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and not isinstance(x, DTensor)
 
 
+def linear_placements(role: Role) -> dict[str, Placement]:
+    """Where a ``role``-parallel Linear's parameters live on the TP mesh.
+
+    Example::
+
+        >>> linear_placements("rowwise")
+        {'weight': Shard(dim=1), 'bias': Replicate()}
+    """
+    if role == "colwise":
+        return {"weight": Shard(0), "bias": Shard(0)}
+    return {"weight": Shard(1), "bias": Replicate()}
+
+
 def parallelize_linear(module: nn.Linear, mesh: DeviceMesh, role: Role, io: ModuleIO) -> nn.Linear:
     """Shard ``module`` column- or row-wise on the 1-D ``mesh`` with input/output handling ``io``.
 
@@ -227,14 +241,9 @@ def parallelize_linear(module: nn.Linear, mesh: DeviceMesh, role: Role, io: Modu
 
         >>> parallelize_linear(mlp.fc2, mesh, "rowwise", ModuleIO(Shard(-1), Shard(1)))
     """
-    if role == "colwise":
-        distribute_parameter(module, "weight", mesh, Shard(0))
-        distribute_parameter(module, "bias", mesh, Shard(0))
-        features = module.out_features
-    else:
-        distribute_parameter(module, "weight", mesh, Shard(1))
-        distribute_parameter(module, "bias", mesh, Replicate())
-        features = module.in_features
+    for name, placement in linear_placements(role).items():
+        distribute_parameter(module, name, mesh, placement)
+    features = module.out_features if role == "colwise" else module.in_features
     forward = ShardedLinearForward(role, mesh, io, features)
     module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
     return module

@@ -26,7 +26,7 @@ Example::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 from torch import nn
@@ -48,7 +48,7 @@ from .layouts import (
     make_sharded_output_tensor,
 )
 from .sharded_embedding import check_embedding, parallelize_embedding
-from .sharded_linear import check_linear, parallelize_linear
+from .sharded_linear import check_linear, linear_placements, parallelize_linear
 
 __all__ = [
     "ColwiseParallel",
@@ -134,6 +134,20 @@ class ModuleStyle(ParallelStyle):
     def apply(self, module: Any, mesh: Any) -> Any:
         """Parallelize ``module`` on the 1-D ``mesh``; return the module to register."""
 
+    def param_placements(self, module: Any) -> Mapping[str, Placement] | None:
+        """The placement :meth:`apply` gives each of ``module``'s own parameters.
+
+        ``None`` (the default) means "not declared". ``parallelize_module`` uses it to
+        keep a tied parameter (an embedding shared with the output head) one parameter:
+        the tie is kept when every module holding it declares the same placement for it.
+
+        Example::
+
+            >>> ColwiseParallel().param_placements(nn.Linear(4, 8))
+            {'weight': Shard(dim=0), 'bias': Shard(dim=0)}
+        """
+        return None
+
 
 class _LinearLikeStyle(ModuleStyle):
     """Shared machinery of ColwiseParallel and RowwiseParallel (``nn.Linear``, ``nn.Embedding``)."""
@@ -211,6 +225,14 @@ class _LinearLikeStyle(ModuleStyle):
                 f"Expect a torch.nn.Linear or torch.nn.Embedding module but received "
                 f"{type(module)}! ({type(self).__name__} on '{fqn or type(module).__name__}')"
             )
+
+    def param_placements(self, module: Any) -> Mapping[str, Placement] | None:
+        """``weight``/``bias`` placements on a Linear or Embedding (see :class:`ModuleStyle`)."""
+        if isinstance(module, nn.Embedding):
+            return {"weight": Shard(0) if self.role == "rowwise" else Shard(1)}
+        if isinstance(module, nn.Linear):
+            return linear_placements(self.role)
+        return None
 
     def apply(self, module: Any, mesh: Any) -> Any:
         """Shard ``module``'s parameters on ``mesh`` and install its local forward."""
