@@ -132,10 +132,14 @@ def _close(what: str, actual: Any, expected: Any, **tol: float) -> None:
 
 
 # -- bodies (module level: the rank pool imports them by name) ------------------------------
-def _parity(world: int, kind: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def _parity(
+    world: int, kind: str, overrides: dict[str, Any] | None = None, vocab_parallel: bool = False
+) -> dict[str, Any]:
     torch.manual_seed(0)
     ref = _build(kind, **(overrides or {}))
-    tp = parallelize_module(copy.deepcopy(ref), mesh_of(world), "auto")
+    tp = copy.deepcopy(ref)
+    plan = auto_plan(tp, tp_size=world, vocab_parallel=True) if vocab_parallel else "auto"
+    tp = parallelize_module(tp, mesh_of(world), plan)
     # eps above the float32 noise of near-zero gradients: Adam would otherwise turn a
     # 1e-9 difference in such a gradient into a full +-lr step of different sign.
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-3, eps=1e-6)
@@ -148,7 +152,8 @@ def _parity(world: int, kind: str, overrides: dict[str, Any] | None = None) -> d
         labels = ids.masked_fill(mask == 0, -100)
         out_ref = ref(input_ids=ids, attention_mask=mask, labels=labels)
         out_tp = tp(input_ids=ids, attention_mask=mask, labels=labels)
-        assert type(out_tp.logits) is torch.Tensor and out_tp.logits.shape == (BATCH, SEQ, VOCAB)
+        vocab = ref.get_output_embeddings().out_features
+        assert type(out_tp.logits) is torch.Tensor and out_tp.logits.shape == (BATCH, SEQ, vocab)
         _close(f"step {step} logits", out_tp.logits, out_ref.logits, atol=2e-5, rtol=1e-4)
         _close(f"step {step} loss", out_tp.loss, out_ref.loss, atol=2e-5, rtol=1e-5)
         out_ref.loss.backward()
@@ -199,6 +204,7 @@ def _parity(world: int, kind: str, overrides: dict[str, Any] | None = None) -> d
         "grads": grads,
         "tokens": tokens,
         "tied": out.weight is inp.weight,
+        "embedding": type(inp.weight).__name__,
         "sharded": sum(isinstance(p, DTensor) for p in tp.parameters()),
     }
 
@@ -267,6 +273,30 @@ def test_hf_parity(pools, world, kind):
     assert first["sharded"] > 0  # DTensor parameters at every size, 1 included
     if kind != "bert":
         assert len(first["tokens"][0]) == PROMPT + NEW
+
+
+@pytest.mark.parametrize(
+    ("kind", "world", "overrides"),
+    [("gpt2", 2, {}), ("gpt2", 4, {}), ("llama_gqa", 4, {"vocab_size": 130}), ("qwen2", 2, {})],
+    ids=["gpt2-2-tied", "gpt2-4-tied", "llama_gqa-4-tied-uneven-vocab", "qwen2-2-untied"],
+)
+def test_hf_vocab_parallel(pools, kind, world, overrides):
+    # Embeddings sharded over the vocabulary (130 rows on 4 ranks: 33, 33, 33, 31); a tied
+    # head keeps sharing their one Shard(0) parameter. Same logits, loss, gradients, steps
+    # and generate() as the single-device model.
+    reports = pools(world).run(_parity, world, kind, overrides, True)
+    first = reports[0]
+    assert first["grads"] > 0 and all(r == first for r in reports)
+    assert first["embedding"] == "DTensor"
+    assert first["tied"] == (kind != "qwen2")
+    assert len(first["tokens"][0]) == PROMPT + NEW
+
+
+def test_vocab_parallel_leaves_a_tie_it_cannot_keep_alone():
+    # BERT's decoder bias is also held by its prediction head: the head, and the word
+    # embeddings tied to it, stay replicated.
+    plan = auto_plan(_build("bert"), tp_size=2, vocab_parallel=True)
+    assert not any("embeddings" in key or "decoder" in key for key in plan), list(plan)
 
 
 def test_qwen2_uneven_heads(pools):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from torch import nn
 from torch.distributed.tensor import Placement
 
-__all__ = ["Holder", "Planned", "check_ties", "retie"]
+__all__ = ["Holder", "Planned", "check_ties", "retie", "tied_groups"]
 
 # id(module) -> (its FQN, the placements its style declares, or None if undeclared)
 Planned = Mapping[int, tuple[str, Mapping[str, Placement] | None]]
@@ -42,8 +42,14 @@ class Holder:
         return f"{self.fqn}.{self.name}" if self.fqn else self.name
 
 
-def _tied_groups(root: nn.Module) -> list[list[Holder]]:
-    """Every parameter registered in more than one place, with its holders in tree order."""
+def tied_groups(root: nn.Module) -> list[list[Holder]]:
+    """Every parameter registered in more than one place, with its holders in tree order.
+
+    Example::
+
+        >>> [[h.label for h in group] for group in tied_groups(gpt2)]
+        [['transformer.wte.weight', 'lm_head.weight']]
+    """
     by_param: dict[int, list[Holder]] = {}
     seen: set[tuple[int, str]] = set()
     for fqn, module in root.named_modules(remove_duplicate=False):
@@ -68,7 +74,7 @@ def check_ties(root: nn.Module, planned: Planned) -> list[list[Holder]]:
         ValueError: 'embed.weight' and 'head.weight' are one tied parameter, but ...
     """
     keep = []
-    for holders in _tied_groups(root):
+    for holders in tied_groups(root):
         inside = [h for h in holders if id(h.module) in planned]
         if not inside:
             continue

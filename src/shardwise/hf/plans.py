@@ -19,9 +19,11 @@ BERT       query/key/value Colwise, attention.output.dense      intermediate.den
            Rowwise                                              output.dense Rowwise
 =========  ===================================================  ==============================
 
-Embeddings stay replicated, and so does a tied output head. An untied ``lm_head`` is
-column-parallel with its logits gathered (HF's ``colwise_gather_output``), so every
-model still returns full, single-device logits.
+An untied ``lm_head`` is column-parallel with its logits gathered (HF's
+``colwise_gather_output``), so every model still returns full, single-device logits.
+The input embeddings, and a tied head with them, stay replicated unless
+``auto_plan(..., vocab_parallel=True)``: then they are vocabulary-parallel and the tied
+weight stays one ``Shard(0)`` parameter.
 
 Example::
 
@@ -40,11 +42,13 @@ from typing import Any, Literal
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate
 
 from ..api import parallelize_module
 from ..layouts import make_input_replicate_1d, make_output_tensor
 from ..mesh import tp_submesh
 from ..style import ColwiseParallel, ParallelStyle, RowwiseParallel
+from ..ties import tied_groups
 from .conv1d import ColwiseConv1D, RowwiseConv1D
 from .heads import AttentionHeads, ColwiseHeads, RowwiseHeads, head_layout
 
@@ -183,24 +187,41 @@ def _output_head(model: nn.Module) -> tuple[nn.Module | None, bool]:
     return out, tied
 
 
-def _vocab_entries(model: nn.Module, tp_size: int | None) -> dict[str, ParallelStyle]:
+def _vocab_entries(
+    model: nn.Module, tp_size: int | None, vocab_parallel: bool
+) -> dict[str, ParallelStyle]:
     """Entries for the input embeddings and the output head.
 
-    The input embeddings stay replicated, and so does a tied output head (sharding one
-    side would untie it). An untied ``nn.Linear`` head is column-parallel with its logits
-    gathered, so callers and HF's loss still see full logits.
+    By default the input embeddings stay replicated, and so does a tied output head
+    (sharding one side alone would untie it). An untied ``nn.Linear`` head is
+    column-parallel with its logits gathered, so callers and HF's loss see full logits.
 
-    TODO(vocab-parallel): once shardwise shards ``nn.Embedding`` (vocab-parallel rows),
-    map HF's ``embedding_rowwise`` here, shard a tied head together with its embedding,
-    and offer ``Shard(-1)`` logits for :func:`shardwise.vocab_parallel_cross_entropy`.
+    With ``vocab_parallel`` the input embeddings are vocabulary-parallel too (each rank
+    looks up its rows; one all-reduce), and a tied head shares their ``Shard(0)``
+    parameter. A side whose weight is also held elsewhere (BERT's decoder bias) is left
+    replicated, with anything tied to it.
     """
     out, tied = _output_head(model)
-    if out is None or tied or not isinstance(out, nn.Linear):
-        return {}
-    if tp_size is not None and out.out_features % tp_size:
-        return {}  # TODO(uneven): shard an indivisible vocabulary once Linear supports it
-    name = next(name for name, m in model.named_modules() if m is out)
-    return {name: ColwiseParallel(_prepare_output=make_output_tensor)}
+    get_in = getattr(model, "get_input_embeddings", None)
+    inp = get_in() if callable(get_in) and vocab_parallel else None
+    names = {id(m): name for name, m in model.named_modules()}
+    head_ok = isinstance(out, nn.Linear)
+    emb_ok = isinstance(inp, nn.Embedding) and (tp_size is None or inp.num_embeddings >= tp_size)
+    allowed = {id(out), id(inp)}
+    for group in tied_groups(model):
+        if not all(id(h.module) in allowed for h in group):
+            # Held by a module this plan does not shard: leave every holder replicated.
+            holders = {id(h.module) for h in group}
+            head_ok = head_ok and id(out) not in holders
+            emb_ok = emb_ok and id(inp) not in holders
+    if tied and not (head_ok and emb_ok):
+        return {}  # sharding one side of the tie alone would untie it
+    entries: dict[str, ParallelStyle] = {}
+    if emb_ok:
+        entries[names[id(inp)]] = RowwiseParallel(input_layouts=Replicate())
+    if head_ok and isinstance(out, nn.Linear) and (tp_size is None or out.out_features >= tp_size):
+        entries[names[id(out)]] = ColwiseParallel(_prepare_output=make_output_tensor)
+    return entries
 
 
 def _attention_entries(att: _Attention, tp_size: int | None) -> dict[str, ParallelStyle]:
@@ -232,10 +253,17 @@ def _attention_entries(att: _Attention, tp_size: int | None) -> dict[str, Parall
 
 
 def _plan_from_hf(
-    model: nn.Module, config: Any, hf_plan: Mapping[str, str], tp_size: int | None
+    model: nn.Module,
+    config: Any,
+    hf_plan: Mapping[str, str],
+    tp_size: int | None,
+    vocab_parallel: bool,
 ) -> dict[str, ParallelStyle]:
     out, _ = _output_head(model)
-    out_names = {name for name, m in model.named_modules() if m is out}
+    get_in = getattr(model, "get_input_embeddings", None)
+    inp = get_in() if callable(get_in) else None
+    # The vocabulary entries are decided by _vocab_entries, whatever the HF plan says.
+    out_names = {name for name, m in model.named_modules() if m is out or m is inp}
     translated, skipped = translate_tp_plan(hf_plan)
     if skipped:
         log.info("auto_plan: left replicated (HF styles shardwise does not run): %s", skipped)
@@ -261,11 +289,13 @@ def _plan_from_hf(
             )
             plan.update(_attention_entries(att, tp_size))
     plan.update({k: v for k, v in layers.items() if k not in plan})
-    plan.update(_vocab_entries(model, tp_size))
+    plan.update(_vocab_entries(model, tp_size, vocab_parallel))
     return plan
 
 
-def _gpt2_plan(model: nn.Module, config: Any, tp_size: int | None) -> dict[str, ParallelStyle]:
+def _gpt2_plan(
+    model: nn.Module, config: Any, tp_size: int | None, vocab_parallel: bool
+) -> dict[str, ParallelStyle]:
     block = f"{_base_prefix(model)}h.*"
     heads, _, head_dim = _heads(config)
     plan: dict[str, ParallelStyle] = {
@@ -275,11 +305,13 @@ def _gpt2_plan(model: nn.Module, config: Any, tp_size: int | None) -> dict[str, 
         f"{block}.mlp.c_fc": ColwiseConv1D(),
         f"{block}.mlp.c_proj": RowwiseConv1D(),
     }
-    plan.update(_vocab_entries(model, tp_size))
+    plan.update(_vocab_entries(model, tp_size, vocab_parallel))
     return plan
 
 
-def _bert_plan(model: nn.Module, config: Any, tp_size: int | None) -> dict[str, ParallelStyle]:
+def _bert_plan(
+    model: nn.Module, config: Any, tp_size: int | None, vocab_parallel: bool
+) -> dict[str, ParallelStyle]:
     layer = f"{_base_prefix(model)}encoder.layer.*"
     heads, _, head_dim = _heads(config)
     att = _Attention(
@@ -295,23 +327,25 @@ def _bert_plan(model: nn.Module, config: Any, tp_size: int | None) -> dict[str, 
     plan = _attention_entries(att, tp_size)
     plan[f"{layer}.intermediate.dense"] = ColwiseParallel()
     plan[f"{layer}.output.dense"] = RowwiseParallel()
-    plan.update(_vocab_entries(model, tp_size))
+    plan.update(_vocab_entries(model, tp_size, vocab_parallel))
     return plan
 
 
-_STRUCTURAL: dict[str, Callable[[nn.Module, Any, int | None], dict[str, ParallelStyle]]] = {
+_STRUCTURAL: dict[str, Callable[[nn.Module, Any, int | None, bool], dict[str, ParallelStyle]]] = {
     "gpt2": _gpt2_plan,
     "bert": _bert_plan,
 }
 
 
-def auto_plan(model: nn.Module, *, tp_size: int | None = None) -> dict[str, ParallelStyle]:
+def auto_plan(
+    model: nn.Module, *, tp_size: int | None = None, vocab_parallel: bool = False
+) -> dict[str, ParallelStyle]:
     """A tensor-parallel plan for a Hugging Face model: FQN glob -> shardwise style.
 
     Supported: ``model_type`` in :data:`SUPPORTED_MODEL_TYPES` (Llama, Mistral, Qwen2,
     GPT-2, BERT), as base models or with their heads (``*ForCausalLM``,
-    ``GPT2LMHeadModel``, ``BertForMaskedLM``, ...). Cross-attention, embeddings and tied
-    output heads stay replicated.
+    ``GPT2LMHeadModel``, ``BertForMaskedLM``, ...). Cross-attention stays replicated, and
+    so do the embeddings and a tied output head unless ``vocab_parallel``.
 
     Args:
         model: a ``transformers`` ``PreTrainedModel``.
@@ -321,8 +355,10 @@ def auto_plan(model: nn.Module, *, tp_size: int | None = None) -> dict[str, Para
             (whole heads per rank; an indivisible head count fails when it is applied).
             With a size, attention whose heads do not split evenly gets
             :class:`~shardwise.hf.heads.ColwiseHeads`/``RowwiseHeads`` (key/value heads
-            replicated, query heads split by key/value group), and an untied output head
-            whose vocabulary does not divide stays replicated.
+            replicated, query heads split by key/value group).
+        vocab_parallel: also shard the input embeddings over the vocabulary, and a tied
+            output head with them (one parameter, ``Shard(0)``). Off by default: it saves
+            ``vocab x hidden / N`` per rank for one more all-reduce per forward.
 
     Example::
 
@@ -336,7 +372,7 @@ def auto_plan(model: nn.Module, *, tp_size: int | None = None) -> dict[str, Para
     if tp_size is not None and (not isinstance(tp_size, int) or tp_size < 1):
         raise ValueError(f"tp_size must be a positive int or None, got {tp_size!r}")
     if model_type in _STRUCTURAL:
-        return _STRUCTURAL[model_type](model, config, tp_size)
+        return _STRUCTURAL[model_type](model, config, tp_size, vocab_parallel)
     hf_plan = _hf_plan(model, config)
     if model_type not in SUPPORTED_MODEL_TYPES or not hf_plan:
         raise NotImplementedError(
@@ -344,7 +380,7 @@ def auto_plan(model: nn.Module, *, tp_size: int | None = None) -> dict[str, Para
             f"{model_type!r} ({type(model).__name__}); write a plan dict for it "
             "(see shardwise.hf.translate_tp_plan for the model's own tp_plan, if it has one)."
         )
-    return _plan_from_hf(model, config, hf_plan, tp_size)
+    return _plan_from_hf(model, config, hf_plan, tp_size, vocab_parallel)
 
 
 def parallelize_hf(
