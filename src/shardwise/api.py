@@ -1,7 +1,8 @@
 """``parallelize_module``: resolve a plan, validate all of it, then shard.
 
 Planning walks the module tree without communicating and raises on anything it cannot
-do (unknown keys, wrong types, odd MLPs, indivisible sizes, bad meshes). Only when the
+do (unknown keys, wrong types, odd MLPs, indivisible sizes, bad meshes, tied parameters
+the plan would untie). Only when the
 whole plan is valid does it scatter weights, so a bad plan fails the same way on every
 rank instead of leaving some ranks waiting in a collective.
 
