@@ -71,8 +71,12 @@ def make_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of distinct storages autograd saves for backward in one forward."""
+def activation_bytes(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """Bytes of distinct storages autograd saves for backward in one forward.
+
+    ``total`` counts everything saved; ``layer_norm`` only what the LayerNorms save (their
+    input, mean and rstd): the region sequence parallelism shrinks N-fold.
+    """
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -82,8 +86,20 @@ def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(x)
+    norm: dict[int, int] = {}
+    nodes, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in nodes:
+            continue
+        nodes.add(node)
+        if node.name() == "NativeLayerNormBackward0":
+            for attr in ("_saved_input", "_saved_result1", "_saved_result2"):
+                storage = getattr(node, attr).untyped_storage()
+                norm[storage.data_ptr()] = storage.nbytes()
+        stack.extend(fn for fn, _ in node.next_functions)
     del out
-    return sum(seen.values())
+    return {"total": sum(seen.values()), "layer_norm": sum(norm.values())}
 
 
 def bench_hidden(hidden: int, args: argparse.Namespace, mesh, group) -> dict:
@@ -255,13 +271,18 @@ def main() -> None:
         }
         (args.out / "gpt.json").write_text(json.dumps({"config": meta, "rows": rows}, indent=2))
         plot(rows, args.out / "gpt.png")
-        print("activation bytes per rank (saved for backward, one forward):")
+        print("activation bytes per rank (saved for backward, one forward; LayerNorm part):")
         for r in rows:
             mem = r["activation_bytes_per_rank"]
-            print(
-                f"  hidden {r['hidden']:5d}: 1 process {mem['single_process'] / 2**20:7.2f} MiB  "
-                f"TP {mem['shardwise_tp'] / 2**20:7.2f} MiB  TP+SP {mem['shardwise_tp_sp'] / 2**20:7.2f} MiB"
+            line = "  ".join(
+                f"{label} {mem[key]['total'] / 2**20:7.2f} MiB ({mem[key]['layer_norm'] / 2**20:5.2f})"
+                for label, key in (
+                    ("1 process", "single_process"),
+                    ("TP", "shardwise_tp"),
+                    ("TP+SP", "shardwise_tp_sp"),
+                )
             )
+            print(f"  hidden {r['hidden']:5d}: {line}")
         print(f"wrote {args.out / 'gpt.json'} and {args.out / 'gpt.png'}")
     dist.destroy_process_group()
 
