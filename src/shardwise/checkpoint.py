@@ -44,7 +44,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 # ``torch.distributed.checkpoint`` is imported inside the functions that use it: importing
 # it loads FSDP and ``torch.distributed.tensor.parallel``, which shardwise never needs.
@@ -107,6 +107,8 @@ def save_checkpoint(
             torch.save(dict(extra), staging / _EXTRA_FILE)
         _swap_in(staging, target)
 
+    _replicate_undescribed(state)  # DCP describes Shard/Replicate only
+
     _on_rank0(prepare)
     try:
         with _dcp_errors(f"save_checkpoint('{target}')"):
@@ -162,8 +164,14 @@ def load_checkpoint(
         )
     state = _dcp_state(model, optimizer)
     _check_metadata(source, state, strict)
+    swapped = _replicate_undescribed(state)
     with _dcp_errors(f"load_checkpoint('{source}')"):
         dcp_load(state, checkpoint_id=source)
+    with torch.no_grad():
+        for container, key, original in swapped:
+            loaded = container[key].redistribute(original.device_mesh, original.placements)
+            original.to_local().copy_(loaded.to_local())
+            container[key] = original
     set_state_dict(
         model,
         () if optimizer is None else optimizer,
@@ -185,6 +193,29 @@ def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dic
     if optimizer is not None:
         state["optim"] = optim_sd
     return state
+
+
+def _replicate_undescribed(tree: Any) -> list[tuple[Any, Any, DTensor]]:
+    """Swap each DTensor whose layout DCP cannot describe for a replicated copy, in place.
+
+    DCP's metadata holds one contiguous chunk per rank, so it saves ``Shard`` and
+    ``Replicate`` but rejects ``_StridedShard`` (GPT-2's fused ``c_attn``, each rank
+    holding a slice of q, of k and of v) as "overlapping chunks". Replicated copies save
+    and load like any replicated tensor. Returns ``(container, key, original)`` for each
+    swap, so a load can copy the values back into the originals' own layout.
+    """
+    swapped: list[tuple[Any, Any, DTensor]] = []
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for key, value in list(items):
+        if isinstance(value, DTensor):
+            if not all(type(p) in (Shard, Replicate) for p in value.placements):
+                with torch.no_grad():
+                    replicated = [Replicate()] * value.device_mesh.ndim
+                    tree[key] = value.redistribute(value.device_mesh, replicated)
+                swapped.append((tree, key, value))
+        elif isinstance(value, (dict, list)):
+            swapped.extend(_replicate_undescribed(value))
+    return swapped
 
 
 @contextlib.contextmanager
