@@ -407,9 +407,12 @@ def _copy_full_into(target: torch.Tensor, full: torch.Tensor) -> None:
     """Copy ``full`` (the global value) into ``target``'s storage; DTensors take their slice."""
     if isinstance(target, DTensor):
         # src_data_rank=None: every rank slices the full tensor it holds; no scatter.
-        mine = distribute_tensor(
-            full.detach(), target.device_mesh, target.placements, src_data_rank=None
-        )
+        try:
+            mine = distribute_tensor(
+                full.detach(), target.device_mesh, target.placements, src_data_rank=None
+            )
+        except TypeError:  # torch < 2.6: no src_data_rank; a scatter of equal values
+            mine = distribute_tensor(full.detach(), target.device_mesh, target.placements)
         target._local_tensor.copy_(mine._local_tensor)
     else:
         target.copy_(full)
