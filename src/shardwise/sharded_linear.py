@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import types
 import weakref
 from collections.abc import Callable
@@ -109,7 +110,8 @@ class _AddBiasOnce(torch.autograd.Function):
         return grad, grad.reshape(-1, grad.shape[-1]).sum(0), None
 
 
-_SHARED: dict[tuple[Any, ...], torch.Tensor] = {}
+# key -> (entry, a weak reference to the entry's source whose callback drops the key)
+_SHARED: dict[tuple[Any, ...], tuple[torch.Tensor, weakref.ref[torch.Tensor]]] = {}
 
 
 def _shared_entry(
@@ -137,12 +139,18 @@ def _shared_entry(
         kind, id(source), source._version, x.storage_offset(), tuple(x.shape), x.stride(),
         x.dtype, id(group), dim, torch.is_grad_enabled(),
     )
-    entry = _SHARED.get(key)
-    if entry is None:
-        entry = make()
-        _SHARED[key] = entry
-        weakref.finalize(source, _SHARED.pop, key, None)
+    found = _SHARED.get(key)
+    if found is not None:
+        return found[0]
+    entry = make()
+    # A plain weak reference with a callback (cheaper than weakref.finalize); it lives in
+    # the cache value, so it outlives the source and the callback fires.
+    _SHARED[key] = (entry, weakref.ref(source, functools.partial(_drop_entry, key)))
     return entry
+
+
+def _drop_entry(key: tuple[Any, ...], _source: Any) -> None:
+    _SHARED.pop(key, None)
 
 
 class ShardedLinearForward:
@@ -160,6 +168,8 @@ class ShardedLinearForward:
         self.local_out = plain and _is_last_dim_shard(io.output_layout)  # colwise, no output move
         self.replicate_in = plain and io.input_layout is not None and io.input_layout.is_replicate()
         self.last_dim_in = plain and _is_last_dim_shard(io.input_layout)  # rowwise, input as is
+        # (weight, its local leaf, bias, its local leaf) as installed; see _local_params.
+        self._installed: tuple[Any, torch.Tensor, Any, torch.Tensor | None] | None = None
 
     def __repr__(self) -> str:
         return f"ShardedLinearForward({self.role}, {self.io})"
@@ -168,8 +178,7 @@ class ShardedLinearForward:
         if not args:
             raise TypeError(f"{type(module).__name__}.forward() missing its input tensor")
         x = args[0]
-        w, b = local_param(module.weight), local_param(module.bias)
-        assert w is not None  # a Linear always has a weight
+        w, b = self._local_params(module)
         if self.role == "colwise":
             y = F.linear(self._colwise_input(x), w, b)  # [..., out/W] Shard(-1)
             if self.local_out:
@@ -191,6 +200,34 @@ class ShardedLinearForward:
         if b is not None:
             y = _AddBiasOnce.apply(y, b, self.first)
         return output_from_local(y, Partial(), io, self.mesh)
+
+    def _local_params(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``local_param`` of weight and bias, short-cut while they are the ones installed."""
+        params = module._parameters
+        weight, bias = params["weight"], params.get("bias")
+        fast = self._installed
+        if (
+            fast is not None
+            and weight is fast[0]
+            and bias is fast[2]
+            and torch.is_grad_enabled()
+            and weight._local_tensor is fast[1]
+            and (bias is None or bias._local_tensor is fast[3])
+            and weight.requires_grad
+            and (bias is None or bias.requires_grad)
+        ):
+            return fast[1], fast[3]
+        w = local_param(weight)
+        assert w is not None  # a Linear always has a weight
+        return w, local_param(bias)
+
+    def install(self, module: nn.Module) -> None:
+        """Remember ``module``'s DTensor parameters and their local leaves (the fast path)."""
+        weight, bias = module._parameters["weight"], module._parameters.get("bias")
+        if isinstance(weight, DTensor) and (bias is None or isinstance(bias, DTensor)):
+            self._installed = (
+                weight, weight._local_tensor, bias, None if bias is None else bias._local_tensor
+            )
 
     def _colwise_input(self, x: Any) -> Any:
         io, group = self.io, self.group
@@ -245,6 +282,7 @@ def parallelize_linear(module: nn.Linear, mesh: DeviceMesh, role: Role, io: Modu
         distribute_parameter(module, name, mesh, placement)
     features = module.out_features if role == "colwise" else module.in_features
     forward = ShardedLinearForward(role, mesh, io, features)
+    forward.install(module)
     module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
     return module
 
