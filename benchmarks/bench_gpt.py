@@ -161,7 +161,8 @@ def bench_hidden(hidden: int, args: argparse.Namespace, mesh, group) -> dict:
         for _ in range(1000):
             idx = rng.choices(range(len(a)), k=len(a))
             boot.append(statistics.median(a[i] for i in idx) / statistics.median(b[i] for i in idx))
-        lo, hi = statistics.quantiles(boot, n=20)[0], statistics.quantiles(boot, n=20)[-1]
+        cuts = statistics.quantiles(boot, n=20)  # 5%, 10%, ..., 95%
+        lo, hi = cuts[0], cuts[-1]
         return {"ratio": median[num] / median[den], "lo": lo, "hi": hi}
 
     sp_model = shardwise.parallelize_module(

@@ -204,9 +204,14 @@ def _replicate_undescribed(tree: Any) -> list[tuple[Any, Any, DTensor]]:
     and load like any replicated tensor. Returns ``(container, key, original)`` for each
     swap, so a load can copy the values back into the originals' own layout.
     """
+    if isinstance(tree, dict):
+        items = list(tree.items())
+    elif isinstance(tree, list):
+        items = list(enumerate(tree))
+    else:
+        return []
     swapped: list[tuple[Any, Any, DTensor]] = []
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
-    for key, value in list(items):
+    for key, value in items:
         if isinstance(value, DTensor):
             if not all(type(p) in (Shard, Replicate) for p in value.placements):
                 with torch.no_grad():

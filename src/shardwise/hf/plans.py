@@ -176,15 +176,15 @@ def _hf_plan(model: nn.Module, config: Any) -> dict[str, str]:
     return full
 
 
-def _output_head(model: nn.Module) -> tuple[nn.Module | None, bool]:
-    """The output embedding (lm head) and whether it shares its weight with the input one."""
+def _vocab_modules(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None, bool]:
+    """The input embeddings, the output head, and whether the head shares their weight."""
     get_out = getattr(model, "get_output_embeddings", None)
     get_in = getattr(model, "get_input_embeddings", None)
     out = get_out() if callable(get_out) else None
     inp = get_in() if callable(get_in) else None
     weight = getattr(out, "weight", None)
     tied = weight is not None and weight is getattr(inp, "weight", None)
-    return out, tied
+    return inp, out, tied
 
 
 def _vocab_entries(
@@ -201,11 +201,11 @@ def _vocab_entries(
     parameter. A side whose weight is also held elsewhere (BERT's decoder bias) is left
     replicated, with anything tied to it.
     """
-    out, tied = _output_head(model)
-    get_in = getattr(model, "get_input_embeddings", None)
-    inp = get_in() if callable(get_in) and vocab_parallel else None
+    inp, out, tied = _vocab_modules(model)
+    if not vocab_parallel:
+        inp = None
     names = {id(m): name for name, m in model.named_modules()}
-    head_ok = isinstance(out, nn.Linear)
+    head_ok = isinstance(out, nn.Linear) and (tp_size is None or out.out_features >= tp_size)
     emb_ok = isinstance(inp, nn.Embedding) and (tp_size is None or inp.num_embeddings >= tp_size)
     allowed = {id(out), id(inp)}
     for group in tied_groups(model):
@@ -219,7 +219,7 @@ def _vocab_entries(
     entries: dict[str, ParallelStyle] = {}
     if emb_ok:
         entries[names[id(inp)]] = RowwiseParallel(input_layouts=Replicate())
-    if head_ok and isinstance(out, nn.Linear) and (tp_size is None or out.out_features >= tp_size):
+    if head_ok:
         entries[names[id(out)]] = ColwiseParallel(_prepare_output=make_output_tensor)
     return entries
 
@@ -253,15 +253,9 @@ def _attention_entries(att: _Attention, tp_size: int | None) -> dict[str, Parall
 
 
 def _plan_from_hf(
-    model: nn.Module,
-    config: Any,
-    hf_plan: Mapping[str, str],
-    tp_size: int | None,
-    vocab_parallel: bool,
+    model: nn.Module, config: Any, hf_plan: Mapping[str, str], tp_size: int | None
 ) -> dict[str, ParallelStyle]:
-    out, _ = _output_head(model)
-    get_in = getattr(model, "get_input_embeddings", None)
-    inp = get_in() if callable(get_in) else None
+    inp, out, _ = _vocab_modules(model)
     # The vocabulary entries are decided by _vocab_entries, whatever the HF plan says.
     out_names = {name for name, m in model.named_modules() if m is out or m is inp}
     translated, skipped = translate_tp_plan(hf_plan)
@@ -289,13 +283,10 @@ def _plan_from_hf(
             )
             plan.update(_attention_entries(att, tp_size))
     plan.update({k: v for k, v in layers.items() if k not in plan})
-    plan.update(_vocab_entries(model, tp_size, vocab_parallel))
     return plan
 
 
-def _gpt2_plan(
-    model: nn.Module, config: Any, tp_size: int | None, vocab_parallel: bool
-) -> dict[str, ParallelStyle]:
+def _gpt2_plan(model: nn.Module, config: Any, tp_size: int | None) -> dict[str, ParallelStyle]:
     block = f"{_base_prefix(model)}h.*"
     heads, _, head_dim = _heads(config)
     plan: dict[str, ParallelStyle] = {
@@ -305,13 +296,10 @@ def _gpt2_plan(
         f"{block}.mlp.c_fc": ColwiseConv1D(),
         f"{block}.mlp.c_proj": RowwiseConv1D(),
     }
-    plan.update(_vocab_entries(model, tp_size, vocab_parallel))
     return plan
 
 
-def _bert_plan(
-    model: nn.Module, config: Any, tp_size: int | None, vocab_parallel: bool
-) -> dict[str, ParallelStyle]:
+def _bert_plan(model: nn.Module, config: Any, tp_size: int | None) -> dict[str, ParallelStyle]:
     layer = f"{_base_prefix(model)}encoder.layer.*"
     heads, _, head_dim = _heads(config)
     att = _Attention(
@@ -327,11 +315,10 @@ def _bert_plan(
     plan = _attention_entries(att, tp_size)
     plan[f"{layer}.intermediate.dense"] = ColwiseParallel()
     plan[f"{layer}.output.dense"] = RowwiseParallel()
-    plan.update(_vocab_entries(model, tp_size, vocab_parallel))
     return plan
 
 
-_STRUCTURAL: dict[str, Callable[[nn.Module, Any, int | None, bool], dict[str, ParallelStyle]]] = {
+_STRUCTURAL: dict[str, Callable[[nn.Module, Any, int | None], dict[str, ParallelStyle]]] = {
     "gpt2": _gpt2_plan,
     "bert": _bert_plan,
 }
@@ -372,15 +359,18 @@ def auto_plan(
     if tp_size is not None and (not isinstance(tp_size, int) or tp_size < 1):
         raise ValueError(f"tp_size must be a positive int or None, got {tp_size!r}")
     if model_type in _STRUCTURAL:
-        return _STRUCTURAL[model_type](model, config, tp_size, vocab_parallel)
-    hf_plan = _hf_plan(model, config)
-    if model_type not in SUPPORTED_MODEL_TYPES or not hf_plan:
-        raise NotImplementedError(
-            f"shardwise.hf.auto_plan supports model_type in {SUPPORTED_MODEL_TYPES}, got "
-            f"{model_type!r} ({type(model).__name__}); write a plan dict for it "
-            "(see shardwise.hf.translate_tp_plan for the model's own tp_plan, if it has one)."
-        )
-    return _plan_from_hf(model, config, hf_plan, tp_size, vocab_parallel)
+        plan = _STRUCTURAL[model_type](model, config, tp_size)
+    else:
+        hf_plan = _hf_plan(model, config)
+        if model_type not in SUPPORTED_MODEL_TYPES or not hf_plan:
+            raise NotImplementedError(
+                f"shardwise.hf.auto_plan supports model_type in {SUPPORTED_MODEL_TYPES}, got "
+                f"{model_type!r} ({type(model).__name__}); write a plan dict for it "
+                "(see shardwise.hf.translate_tp_plan for the model's own tp_plan, if it has one)."
+            )
+        plan = _plan_from_hf(model, config, hf_plan, tp_size)
+    plan.update(_vocab_entries(model, tp_size, vocab_parallel))
+    return plan
 
 
 def parallelize_hf(
