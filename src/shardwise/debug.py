@@ -45,6 +45,11 @@ class _Declared:
     # sizes, as a row-parallel Linear's features are); one it gathers must split evenly.
     uneven_ok: bool = False
 
+    @property
+    def label(self) -> str:
+        kind = type(self.module).__name__
+        return f"'{self.fqn}' ({kind})" if self.fqn else kind
+
 
 def _declared_inputs(model: nn.Module) -> Iterator[_Declared]:
     """Every parallelized module whose plain input has a declared layout."""
@@ -119,8 +124,6 @@ class LayoutCheck:
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=d.group)
         high, low = both[: len(code)], -both[len(code) :]
         self.checked += 1
-        name = f"'{d.fqn}' ({type(d.module).__name__})" if d.fqn else type(d.module).__name__
-        what = "the same tensor on every rank" if replicate else f"this rank's slice along dim {free_dim}"
         n = len(shape)
         if not torch.equal(high[:n], low[:n]):
             dims = [
@@ -129,13 +132,14 @@ class LayoutCheck:
                 if hi != lo
             ]
             ndim = "" if high[0] == low[0] else f" (ndim {int(low[0])}..{int(high[0])})"
+            what = "the same tensor on every rank" if replicate else f"this rank's slice along dim {free_dim}"
             raise ValueError(
-                f"{name}: its input is declared {d.placement!r} ({what}), but its shape differs "
+                f"{d.label}: its input is declared {d.placement!r} ({what}), but its shape differs "
                 f"across the {world} ranks of its TP group{ndim}: {', '.join(dims) or 'numel'}."
             )
         if replicate and not torch.equal(high, low):
             raise ValueError(
-                f"{name}: its input is declared Replicate (the same tensor on every rank), but "
+                f"{d.label}: its input is declared Replicate (the same tensor on every rank), but "
                 f"the values differ across the {world} ranks of its TP group. With data "
                 "parallelism, give every rank of a TP group the same batch; a sharded input "
                 "must be declared (e.g. input_layouts=Shard(1))."
@@ -151,7 +155,7 @@ class LayoutCheck:
                 rule = f"an even split of {total} (this module gathers it)"
             if lengths != want:
                 raise ValueError(
-                    f"{name}: its input is declared {d.placement!r}, but the ranks' lengths "
+                    f"{d.label}: its input is declared {d.placement!r}, but the ranks' lengths "
                     f"along dim {free_dim} are {lengths}, not {rule}: {want}."
                 )
 
