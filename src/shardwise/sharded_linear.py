@@ -156,13 +156,14 @@ def _drop_entry(key: tuple[Any, ...], _source: Any) -> None:
 class ShardedLinearForward:
     """The forward installed on a parallelized ``nn.Linear`` (bound to it as a method)."""
 
-    def __init__(self, role: Role, mesh: DeviceMesh, io: ModuleIO, features: int) -> None:
+    def __init__(self, role: Role, mesh: DeviceMesh, io: ModuleIO, module: nn.Linear) -> None:
         self.role = role
         self.mesh = mesh
         self.group = mesh.get_group()
         self.first = mesh.get_local_rank() == 0
         self.io = io
-        self.features = features  # global out_features (colwise) or in_features (rowwise)
+        # The global size of the sharded feature dimension.
+        self.features = module.out_features if role == "colwise" else module.in_features
         plain = io.input_fn is None and io.output_fn is None and io.use_local_output
         # The common layouts, decided once here rather than on every call.
         self.local_out = plain and _is_last_dim_shard(io.output_layout)  # colwise, no output move
@@ -170,6 +171,11 @@ class ShardedLinearForward:
         self.last_dim_in = plain and _is_last_dim_shard(io.input_layout)  # rowwise, input as is
         # (weight, its local leaf, bias, its local leaf) as installed; see _local_params.
         self._installed: tuple[Any, torch.Tensor, Any, torch.Tensor | None] | None = None
+        weight, bias = module._parameters["weight"], module._parameters.get("bias")
+        if isinstance(weight, DTensor) and (bias is None or isinstance(bias, DTensor)):
+            self._installed = (
+                weight, weight._local_tensor, bias, None if bias is None else bias._local_tensor
+            )
 
     def __repr__(self) -> str:
         return f"ShardedLinearForward({self.role}, {self.io})"
@@ -220,14 +226,6 @@ class ShardedLinearForward:
         w = local_param(weight)
         assert w is not None  # a Linear always has a weight
         return w, local_param(bias)
-
-    def install(self, module: nn.Module) -> None:
-        """Remember ``module``'s DTensor parameters and their local leaves (the fast path)."""
-        weight, bias = module._parameters["weight"], module._parameters.get("bias")
-        if isinstance(weight, DTensor) and (bias is None or isinstance(bias, DTensor)):
-            self._installed = (
-                weight, weight._local_tensor, bias, None if bias is None else bias._local_tensor
-            )
 
     def _colwise_input(self, x: Any) -> Any:
         io, group = self.io, self.group
@@ -280,9 +278,7 @@ def parallelize_linear(module: nn.Linear, mesh: DeviceMesh, role: Role, io: Modu
     """
     for name, placement in linear_placements(role).items():
         distribute_parameter(module, name, mesh, placement)
-    features = module.out_features if role == "colwise" else module.in_features
-    forward = ShardedLinearForward(role, mesh, io, features)
-    forward.install(module)
+    forward = ShardedLinearForward(role, mesh, io, module)
     module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
     return module
 
