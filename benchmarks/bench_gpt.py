@@ -14,6 +14,12 @@ hit them alike. A step's time is its slower rank's; the median step time of each
 is reported, and each ratio of medians comes with a 90% bootstrap interval (resampling
 whole rounds) to show how far the run's noise could move it.
 Writes ``benchmarks/results/gpt.json`` and ``gpt.png``.
+
+It also measures what shardwise adds to a step on the host, apart from the network:
+shardwise and the hand-written model run again with ``dist.all_reduce`` replaced by a
+no-op (their only collective under this plan), each rank on its own, and the medians of
+forward, backward and optimizer time are compared phase by phase (``--no-host-overhead``
+skips this).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -69,6 +76,62 @@ def make_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
         opt.zero_grad(set_to_none=True)
 
     return step
+
+
+def make_phased_step(model: nn.Module, x: torch.Tensor) -> Callable[[], list[float]]:
+    """Like :func:`make_step`, returning the seconds of forward, backward and optimizer step."""
+    opt = torch.optim.SGD(shardwise.foreach_param_groups(model.parameters()), lr=1e-4, foreach=True)
+
+    def step() -> list[float]:
+        t0 = time.perf_counter()
+        loss = model(x).float().pow(2).mean()
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        return [t1 - t0, t2 - t1, t3 - t2]
+
+    return step
+
+
+def _no_collective(*args, **kwargs) -> None:
+    return None
+
+
+def host_overhead(
+    variants: dict[str, nn.Module], x: torch.Tensor, iters: int, warmup: int
+) -> dict[str, dict[str, float]]:
+    """Median host seconds per phase of shardwise and hand-written steps, collectives stubbed.
+
+    Under the benchmark's plan both models communicate only through ``dist.all_reduce``;
+    replacing it with a no-op leaves the local work (the same matmuls) and each library's
+    own bookkeeping. Ranks do not synchronize, so each rank's rounds are its own samples;
+    the medians pool every rank's rounds. The weights drift apart (gradients are not
+    summed), which does not change the work done.
+    """
+    names = ("shardwise", "hand_written")
+    steps = {n: make_phased_step(variants[n], x) for n in names}
+    rounds = []
+    with mock.patch.object(dist, "all_reduce", _no_collective):
+        for i in range(iters + warmup):
+            times = {n: steps[n]() for n in random.Random(i).sample(names, len(names))}
+            if i >= warmup:
+                rounds.append([times[n] for n in names])
+    mine = torch.tensor(rounds, dtype=torch.float64)  # [round, variant, phase]
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    pooled = torch.cat(every)
+    out: dict[str, dict[str, float]] = {}
+    for j, n in enumerate(names):
+        phases = pooled[:, j, :]
+        out[n] = {
+            phase: statistics.median(phases[:, k].tolist())
+            for k, phase in enumerate(("forward", "backward", "optimizer"))
+        }
+        out[n]["step"] = statistics.median(phases.sum(1).tolist())
+    return out
 
 
 def activation_bytes(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
@@ -165,6 +228,23 @@ def bench_hidden(hidden: int, args: argparse.Namespace, mesh, group) -> dict:
         lo, hi = cuts[0], cuts[-1]
         return {"ratio": median[num] / median[den], "lo": lo, "hi": hi}
 
+    host = None
+    if args.host_overhead:
+        # Fresh copies, so the drifting weights of the stubbed run touch nothing above.
+        host = host_overhead(
+            {
+                "shardwise": shardwise.parallelize_module(
+                    copy.deepcopy(reference), mesh, {"blocks.*": gpt_block_plan()}
+                ),
+                "hand_written": MegatronStack(
+                    [MegatronGPTBlock(b, group) for b in copy.deepcopy(reference).blocks]
+                ),
+            },
+            x,
+            iters,
+            args.warmup,
+        )
+
     sp_model = shardwise.parallelize_module(
         copy.deepcopy(reference), mesh, {"blocks.*": gpt_block_plan(sequence_parallel=True)}
     )
@@ -186,6 +266,8 @@ def bench_hidden(hidden: int, args: argparse.Namespace, mesh, group) -> dict:
         "hand_written_over_torch_tp": ratio("hand_written", "torch_tp"),
         "tp_speedup_over_one_process": ratio("single_process", "shardwise"),
         "activation_bytes_per_rank": memory,
+        # Median host seconds per phase with all-reduce stubbed out (None if skipped).
+        "host_s_without_collectives": host,
         "iters": iters,
         "step_s_per_round": step_s,
     }
@@ -236,6 +318,12 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--no-host-overhead",
+        dest="host_overhead",
+        action="store_false",
+        help="skip the run with collectives stubbed out that measures host overhead",
+    )
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
@@ -284,6 +372,16 @@ def main() -> None:
                 )
             )
             print(f"  hidden {r['hidden']:5d}: {line}")
+        if args.host_overhead:
+            print("host time per step with all-reduce stubbed out (ms, median; shardwise - hand-written):")
+            for r in rows:
+                host = r["host_s_without_collectives"]
+                sw, hw = host["shardwise"], host["hand_written"]
+                line = "  ".join(
+                    f"{phase} {sw[phase] * 1e3:7.2f} - {hw[phase] * 1e3:7.2f} = {(sw[phase] - hw[phase]) * 1e3:+6.2f}"
+                    for phase in ("forward", "backward", "optimizer", "step")
+                )
+                print(f"  hidden {r['hidden']:5d}: {line}")
         print(f"wrote {args.out / 'gpt.json'} and {args.out / 'gpt.png'}")
     dist.destroy_process_group()
 
