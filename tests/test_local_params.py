@@ -58,3 +58,91 @@ def _grads_follow_the_parameters(world: int) -> None:
 @pytest.mark.parametrize("world", [1, 2])
 def test_grads_follow_the_parameters(pools, world):
     pools(world).run(_grads_follow_the_parameters, world)
+
+
+class _MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 12)
+        self.fc2 = nn.Linear(12, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def _pair(world: int) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    ref = _MLP()
+    tp = _MLP()
+    tp.load_state_dict(ref.state_dict())
+    tp = parallelize_module(tp, mesh_of(world), {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+    return ref, tp
+
+
+def _assert_same_grads(ref: nn.Module, tp: nn.Module) -> None:
+    for (name, p), q in zip(ref.named_parameters(), tp.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert isinstance(q.grad, DTensor), name
+            torch.testing.assert_close(full(q.grad), p.grad, msg=name)
+
+
+class _Boom(Exception):
+    pass
+
+
+def _raise(grad: torch.Tensor) -> None:
+    raise _Boom()
+
+
+def _raise_in_backward(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+    """A forward pre-hook: the backward pass raises when it reaches the module's input."""
+    args[0].register_hook(_raise)
+
+
+def _backward_passes(world: int) -> None:
+    ref, tp = _pair(world)
+    x = torch.randn(5, 8)
+
+    # Two backward passes over one graph (retain_graph) accumulate.
+    for model in (ref, tp):
+        loss = model(x).pow(2).sum()
+        loss.backward(retain_graph=True)
+        loss.backward()
+    _assert_same_grads(ref, tp)
+
+    # Micro-batches accumulate, and every gradient is there when backward() returns.
+    for model in (ref, tp):
+        model.zero_grad(set_to_none=True)
+        for chunk in x.chunk(2):
+            model(chunk).sum().backward()
+    _assert_same_grads(ref, tp)
+
+    # A pass that raises half-way leaves the gradients it got to, as PyTorch does ...
+    for model in (ref, tp):
+        model.zero_grad(set_to_none=True)
+        handle = model.fc2.register_forward_pre_hook(_raise_in_backward)
+        out = model(x)
+        handle.remove()
+        with pytest.raises(_Boom):
+            out.sum().backward()
+        assert model.fc2.weight.grad is not None and model.fc1.weight.grad is None
+    _assert_same_grads(ref, tp)
+    # ... and zero_grad() clears them: the next pass starts from nothing.
+    for model in (ref, tp):
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+    _assert_same_grads(ref, tp)
+
+    # A backward pass nested in another (reentrant activation checkpointing).
+    for model in (ref, tp):
+        model.zero_grad(set_to_none=True)
+        xin = x.clone().requires_grad_(True)
+        out = torch.utils.checkpoint.checkpoint(model, xin, use_reentrant=True)
+        (out.pow(2).sum() + xin.sum()).backward()
+    _assert_same_grads(ref, tp)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_gradients_of_every_backward_pass_reach_the_parameters(pools, world):
+    pools(world).run(_backward_passes, world)

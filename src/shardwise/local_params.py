@@ -4,11 +4,14 @@ Parameters are stored as ``nn.Parameter(DTensor)`` so that ``state_dict``, optim
 FSDP and DCP see global shapes and placements. The hot path, however, computes on the
 local shard. Routing that through ``DTensor.to_local()`` costs an autograd Function and a
 ``DTensor.from_local`` per parameter per step. Instead the local tensor inside the
-parameter is made an autograd leaf itself; a post-accumulate-grad hook moves each
-gradient into ``param.grad`` as a DTensor with the parameter's own spec.
+parameter is made an autograd leaf itself, and its gradient is moved into
+``param.grad``, as a DTensor with the parameter's own spec, when the backward pass ends
+(:mod:`shardwise.grad_handoff`).
 
-Parameters that shardwise did not install (FSDP's unsharded views, for example) are not
-leaves it owns, so they take the ordinary ``to_local()`` route, which autograd connects.
+A parameter whose local tensor was swapped in by someone else (``module.to(...)``, or
+FSDP's unsharded parameters) is adopted on first use; its gradients are handed over as
+soon as autograd has them, since such a framework's hooks may read them during backward.
+A parameter that is not a leaf takes the ordinary ``to_local()`` route.
 
 Example::
 
@@ -17,51 +20,33 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import weakref
-from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, distribute_tensor
+
+from .grad_handoff import HANDOFF, hand_off_now
 
 __all__ = ["distribute_parameter", "install_local_leaf", "local_param"]
 
 _OWNER = "_shardwise_owner"
 
 
-def _grad_mover(owner_ref: weakref.ref[nn.Parameter], group: ProcessGroup | None) -> Any:
-    """The post-accumulate-grad hook that hands a local leaf's gradient to its DTensor owner.
-
-    A closure over the owner and the group, so the hook (run once per parameter per
-    backward) reads no tensor attributes beyond ``grad``.
-    """
-
-    def move(local: torch.Tensor) -> None:
-        grad = local.grad
-        local.grad = None
-        owner = owner_ref()
-        if owner is None or grad is None:
-            return
-        if group is not None:
-            # A replicated parameter used on sharded activations: each rank holds a partial sum.
-            dist.all_reduce(grad, group=group)
-        owner_grad = owner.grad
-        if owner_grad is None:
-            # ``DTensor.__new__`` (C++ in recent torch) without the Python ``__init__``
-            # wrappers, which do nothing here and cost twice as much as the tensor itself.
-            owner.grad = DTensor.__new__(DTensor, grad, owner._spec, requires_grad=False)  # type: ignore[attr-defined]
-        else:
-            owner_grad._local_tensor.add_(grad)  # type: ignore[attr-defined]
-
-    return move
-
-
-def install_local_leaf(param: torch.nn.Parameter, sum_grads_over: ProcessGroup | None = None) -> None:
+def install_local_leaf(
+    param: torch.nn.Parameter,
+    sum_grads_over: ProcessGroup | None = None,
+    *,
+    at_once: bool = False,
+) -> None:
     """Make ``param``'s local tensor a gradient-tracking leaf owned by ``param``.
 
+    Gradients reach ``param.grad`` when the backward pass ends, all at once (see
+    :mod:`shardwise.grad_handoff`); with ``at_once`` each is handed over as soon as autograd has
+    accumulated it, for parameters another framework's hooks read during backward.
     With ``sum_grads_over``, each gradient is all-reduced over that group before it is
     handed to ``param.grad`` (replicated weights applied to sequence-sharded inputs).
 
@@ -74,7 +59,11 @@ def install_local_leaf(param: torch.nn.Parameter, sum_grads_over: ProcessGroup |
     local.requires_grad_(True)
     owner_ref = weakref.ref(param)
     setattr(local, _OWNER, owner_ref)
-    local.register_post_accumulate_grad_hook(_grad_mover(owner_ref, sum_grads_over))
+    if at_once:
+        hook = functools.partial(hand_off_now, owner_ref, sum_grads_over)
+    else:
+        hook = HANDOFF.hook(owner_ref, sum_grads_over)
+    local.register_post_accumulate_grad_hook(hook)
 
 
 def local_param(param: torch.Tensor | None) -> torch.Tensor | None:
@@ -93,8 +82,10 @@ def local_param(param: torch.Tensor | None) -> torch.Tensor | None:
     if owner is not None and owner() is param and param.is_leaf:
         return local
     if isinstance(param, torch.nn.Parameter) and param.is_leaf and owner is None:
-        # A parameter whose data was swapped (``module.to(...)``): adopt the new local.
-        install_local_leaf(param)
+        # A parameter swapped in by someone else (``module.to(...)``, or FSDP's unsharded
+        # parameters): adopt its local tensor. Its gradient is handed over at once, since
+        # such a framework's own hooks may read it before the backward pass ends.
+        install_local_leaf(param, at_once=True)
         return local
     return param.to_local()
 
