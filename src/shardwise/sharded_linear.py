@@ -134,10 +134,12 @@ def _shared_entry(
     # as CommDebugMode) hand each module an identity view of its input, so q, k and v may
     # receive different objects for one activation. Key by what the tensor *is*: its root
     # base (views share its version counter) and its place in that memory.
-    source = x._base if x._base is not None else x
+    source = x._base
+    if source is None:
+        source = x
     key = (
-        kind, id(source), source._version, x.storage_offset(), tuple(x.shape), x.stride(),
-        x.dtype, id(group), dim, torch.is_grad_enabled(),
+        kind, id(source), source._version, x.storage_offset(), x.shape, x.stride(), x.dtype,
+        id(group), dim, torch.is_grad_enabled(),
     )
     found = _SHARED.get(key)
     if found is not None:
@@ -145,6 +147,29 @@ def _shared_entry(
     entry = make()
     # A plain weak reference with a callback (cheaper than weakref.finalize); it lives in
     # the cache value, so it outlives the source and the callback fires.
+    _SHARED[key] = (entry, weakref.ref(source, functools.partial(_drop_entry, key)))
+    return entry
+
+
+def _shared_copy_to_region(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """``_shared_entry("f", x, group, 0, ...)`` for the default column-parallel input, inlined.
+
+    The same key, so both routes share entries; it exists because this runs for every
+    q/k/v/up call, between large kernels, where each Python call and line is dear.
+    """
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return x
+    source = x._base
+    if source is None:
+        source = x
+    key = (
+        "f", id(source), source._version, x.storage_offset(), x.shape, x.stride(), x.dtype,
+        id(group), 0, True,
+    )
+    found = _SHARED.get(key)
+    if found is not None:
+        return found[0]
+    entry = C.copy_to_region(x, group)
     _SHARED[key] = (entry, weakref.ref(source, functools.partial(_drop_entry, key)))
     return entry
 
@@ -169,6 +194,9 @@ class ShardedLinearForward:
         self.local_out = plain and _is_last_dim_shard(io.output_layout)  # colwise, no output move
         self.replicate_in = plain and io.input_layout is not None and io.input_layout.is_replicate()
         self.last_dim_in = plain and _is_last_dim_shard(io.input_layout)  # rowwise, input as is
+        self.replicate_out = (  # rowwise: the partial sums are all-reduced, the bias added after
+            io.output_fn is None and io.output_layout is not None and io.output_layout.is_replicate()
+        )
         # (weight, its local leaf, bias, its local leaf) as installed; see _local_params.
         self._installed: tuple[Any, torch.Tensor, Any, torch.Tensor | None] | None = None
         weight, bias = module._parameters["weight"], module._parameters.get("bias")
@@ -186,16 +214,19 @@ class ShardedLinearForward:
         x = args[0]
         w, b = self._local_params(module)
         if self.role == "colwise":
-            y = F.linear(self._colwise_input(x), w, b)  # [..., out/W] Shard(-1)
+            if self.replicate_in and type(x) is torch.Tensor:  # the seed default, inlined
+                y = F.linear(_shared_copy_to_region(x, self.group), w, b)
+            else:
+                y = F.linear(self._colwise_input(x), w, b)  # [..., out/W] Shard(-1)
             if self.local_out:
                 return y
             return output_from_local(y, Shard(-1), self.io, self.mesh, size=self.features)
-        if self.last_dim_in and _is_plain(x):  # the seed default: this rank's feature slice
-            y = F.linear(x, w)  # [..., out] Partial
+        if self.last_dim_in and (type(x) is torch.Tensor or _is_plain(x)):
+            y = F.linear(x, w)  # the seed default: this rank's feature slice; [..., out] Partial
         else:
             y = F.linear(input_to_local(x, self.io, Shard(-1), self.mesh), w)  # [..., out] Partial
         io = self.io
-        if io.output_fn is None and io.output_layout.is_replicate():
+        if self.replicate_out:
             # Replicated output: add the bias after the all-reduce, as hand-written code does;
             # its gradient, taken from the replicated output gradient, is complete everywhere.
             out = C.reduce_from_region(y, self.group)
