@@ -115,9 +115,13 @@ _SHARED: dict[tuple[Any, ...], tuple[torch.Tensor, weakref.ref[torch.Tensor]]] =
 
 
 def _shared_entry(
-    kind: str, x: torch.Tensor, group: Any, dim: int, make: Callable[[], torch.Tensor]
+    kind: str, x: torch.Tensor, group: Any, dim: int, make: Callable[[], torch.Tensor] | None = None
 ) -> torch.Tensor:
     """Run an input collective once per (tensor, group), however many layers consume it.
+
+    ``make`` builds the entry; ``None`` means ``copy_to_region(x, group)``, the column
+    layers' default, so that path creates no closure per call (it runs for every q/k/v/up
+    call, between large kernels, where each Python call and line is dear).
 
     q, k and v projections (or a gate and an up projection) read the same activation.
     Giving them one shared entry tensor means one all-gather in forward, and autograd
@@ -144,32 +148,9 @@ def _shared_entry(
     found = _SHARED.get(key)
     if found is not None:
         return found[0]
-    entry = make()
+    entry = C.copy_to_region(x, group) if make is None else make()
     # A plain weak reference with a callback (cheaper than weakref.finalize); it lives in
     # the cache value, so it outlives the source and the callback fires.
-    _SHARED[key] = (entry, weakref.ref(source, functools.partial(_drop_entry, key)))
-    return entry
-
-
-def _shared_copy_to_region(x: torch.Tensor, group: Any) -> torch.Tensor:
-    """``_shared_entry("f", x, group, 0, ...)`` for the default column-parallel input, inlined.
-
-    The same key, so both routes share entries; it exists because this runs for every
-    q/k/v/up call, between large kernels, where each Python call and line is dear.
-    """
-    if not (x.requires_grad and torch.is_grad_enabled()):
-        return x
-    source = x._base
-    if source is None:
-        source = x
-    key = (
-        "f", id(source), source._version, x.storage_offset(), x.shape, x.stride(), x.dtype,
-        id(group), 0, True,
-    )
-    found = _SHARED.get(key)
-    if found is not None:
-        return found[0]
-    entry = C.copy_to_region(x, group)
     _SHARED[key] = (entry, weakref.ref(source, functools.partial(_drop_entry, key)))
     return entry
 
@@ -215,7 +196,7 @@ class ShardedLinearForward:
         w, b = self._local_params(module)
         if self.role == "colwise":
             if self.replicate_in and type(x) is torch.Tensor:  # the seed default, inlined
-                y = F.linear(_shared_copy_to_region(x, self.group), w, b)
+                y = F.linear(_shared_entry("f", x, self.group, 0), w, b)
             else:
                 y = F.linear(self._colwise_input(x), w, b)  # [..., out/W] Shard(-1)
             if self.local_out:
@@ -265,7 +246,7 @@ class ShardedLinearForward:
             # ``replicate_in`` (the seed default) is decided at install: no normalize here.
             src = Replicate() if self.replicate_in else normalize(io.input_layout, x.dim())
             if src.is_replicate():
-                return _shared_entry("f", x, group, 0, lambda: C.copy_to_region(x, group))
+                return _shared_entry("f", x, group, 0)
             if type(src) is Shard:
                 dim = src.dim
                 return _shared_entry(
