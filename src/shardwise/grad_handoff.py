@@ -34,7 +34,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 from torch.distributed.tensor import DTensor
 
-__all__ = ["HANDOFF", "GradHandoff", "hand_off", "hand_off_now"]
+__all__ = ["HANDOFF", "GradHandoff", "hand_off"]
 
 _Entry = tuple[torch.Tensor, "weakref.ref[nn.Parameter]", "ProcessGroup | None"]
 
@@ -73,15 +73,9 @@ def hand_off(
         owner_grad._local_tensor.add_(grad)  # type: ignore[attr-defined]
 
 
-def hand_off_now(
+def _hand_off_now(
     owner_ref: weakref.ref[nn.Parameter], group: ProcessGroup | None, local: torch.Tensor
 ) -> None:
-    """:func:`hand_off` as a post-accumulate-grad hook: ``partial(hand_off_now, ref, group)``.
-
-    Example::
-
-        >>> local.register_post_accumulate_grad_hook(partial(hand_off_now, weakref.ref(p), None))
-    """
     hand_off(local, owner_ref(), group)
 
 
@@ -119,11 +113,17 @@ class GradHandoff:
         self.task: int | None = None  # the task ``current`` belongs to (a one-entry cache)
         self.current: list[_Entry] = []
 
-    def hook(self, owner_ref: weakref.ref[nn.Parameter], group: ProcessGroup | None) -> Any:
-        """The post-accumulate-grad hook for one leaf: a closure that only records it."""
+    def hook(
+        self, owner_ref: weakref.ref[nn.Parameter], group: ProcessGroup | None, *, at_once: bool = False
+    ) -> Any:
+        """The post-accumulate-grad hook for one leaf: a closure that only records it.
+
+        With ``at_once`` (or without torch's graph-task id) the hook hands the gradient
+        over itself, as soon as autograd has accumulated it.
+        """
         task_id = _current_graph_task_id
-        if task_id is None:
-            return functools.partial(hand_off_now, owner_ref, group)
+        if at_once or task_id is None:
+            return functools.partial(_hand_off_now, owner_ref, group)
 
         def record(local: torch.Tensor) -> None:
             task = task_id()

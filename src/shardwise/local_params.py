@@ -20,7 +20,6 @@ Example::
 
 from __future__ import annotations
 
-import functools
 import weakref
 
 import torch
@@ -29,7 +28,7 @@ from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, distribute_tensor
 
-from .grad_handoff import HANDOFF, hand_off_now
+from .grad_handoff import HANDOFF
 
 __all__ = ["distribute_parameter", "install_local_leaf", "local_param"]
 
@@ -59,11 +58,7 @@ def install_local_leaf(
     local.requires_grad_(True)
     owner_ref = weakref.ref(param)
     setattr(local, _OWNER, owner_ref)
-    if at_once:
-        hook = functools.partial(hand_off_now, owner_ref, sum_grads_over)
-    else:
-        hook = HANDOFF.hook(owner_ref, sum_grads_over)
-    local.register_post_accumulate_grad_hook(hook)
+    local.register_post_accumulate_grad_hook(HANDOFF.hook(owner_ref, sum_grads_over, at_once=at_once))
 
 
 def local_param(param: torch.Tensor | None) -> torch.Tensor | None:

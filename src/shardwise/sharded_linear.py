@@ -119,18 +119,18 @@ def _shared_entry(
 ) -> torch.Tensor:
     """Run an input collective once per (tensor, group), however many layers consume it.
 
-    ``make`` builds the entry; ``None`` means ``copy_to_region(x, group)``, the column
-    layers' default, so that path creates no closure per call (it runs for every q/k/v/up
-    call, between large kernels, where each Python call and line is dear).
-
     q, k and v projections (or a gate and an up projection) read the same activation.
     Giving them one shared entry tensor means one all-gather in forward, and autograd
     sums their gradients before the entry's backward runs, so one all-reduce or
     reduce-scatter in backward, as in Megatron's fused QKV.
 
-    An entry lives exactly as long as its source tensor: it is dropped by a finalizer
+    An entry lives exactly as long as its source tensor: a weak-reference callback drops it
     when the source is freed (entries never reference their source, so this happens
     when the model's forward lets go of it).
+
+    ``make`` builds the entry; ``None`` means ``copy_to_region(x, group)``, the column
+    layers' default, so that path creates no closure per call (it runs for every q/k/v/up
+    call, between large kernels, where each Python call and line is dear).
     """
     if kind == "f" and not (torch.is_grad_enabled() and x.requires_grad):
         return x  # no gradient will flow back: the identity needs no collective either
@@ -195,14 +195,14 @@ class ShardedLinearForward:
         x = args[0]
         w, b = self._local_params(module)
         if self.role == "colwise":
-            if self.replicate_in and type(x) is torch.Tensor:  # the seed default, inlined
+            if self.replicate_in and _is_plain(x):  # the seed default, decided at install
                 y = F.linear(_shared_entry("f", x, self.group, 0), w, b)
             else:
                 y = F.linear(self._colwise_input(x), w, b)  # [..., out/W] Shard(-1)
             if self.local_out:
                 return y
             return output_from_local(y, Shard(-1), self.io, self.mesh, size=self.features)
-        if self.last_dim_in and (type(x) is torch.Tensor or _is_plain(x)):
+        if self.last_dim_in and _is_plain(x):
             y = F.linear(x, w)  # the seed default: this rank's feature slice; [..., out] Partial
         else:
             y = F.linear(input_to_local(x, self.io, Shard(-1), self.mesh), w)  # [..., out] Partial
@@ -243,8 +243,7 @@ class ShardedLinearForward:
         io, group = self.io, self.group
         if io.input_fn is None and io.input_layout is not None and _is_plain(x):
             # One entry collective per activation, however many projections read it.
-            # ``replicate_in`` (the seed default) is decided at install: no normalize here.
-            src = Replicate() if self.replicate_in else normalize(io.input_layout, x.dim())
+            src = normalize(io.input_layout, x.dim())
             if src.is_replicate():
                 return _shared_entry("f", x, group, 0)
             if type(src) is Shard:
@@ -261,7 +260,8 @@ def _is_last_dim_shard(placement: Any) -> bool:
 
 
 def _is_plain(x: Any) -> bool:
-    return isinstance(x, torch.Tensor) and not isinstance(x, DTensor)
+    # The exact type first: the common case, without two isinstance walks.
+    return type(x) is torch.Tensor or (isinstance(x, torch.Tensor) and not isinstance(x, DTensor))
 
 
 def linear_placements(role: Role) -> dict[str, Placement]:
