@@ -64,11 +64,15 @@ def torch_tp(model: nn.Module, mesh) -> nn.Module:
     return parallelize_module(model, mesh, plan)
 
 
-def make_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     # foreach=True for every variant (torch's default turns foreach off for DTensor
     # params), with DTensor and plain params in separate groups (a foreach op cannot mix
     # them); for the plain-parameter variants this is a single group.
-    opt = torch.optim.SGD(shardwise.foreach_param_groups(model.parameters()), lr=1e-4, foreach=True)
+    return torch.optim.SGD(shardwise.foreach_param_groups(model.parameters()), lr=1e-4, foreach=True)
+
+
+def make_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    opt = make_optimizer(model)
 
     def step() -> None:
         model(x).float().pow(2).mean().backward()
@@ -80,7 +84,7 @@ def make_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
 
 def make_phased_step(model: nn.Module, x: torch.Tensor) -> Callable[[], list[float]]:
     """Like :func:`make_step`, returning the seconds of forward, backward and optimizer step."""
-    opt = torch.optim.SGD(shardwise.foreach_param_groups(model.parameters()), lr=1e-4, foreach=True)
+    opt = make_optimizer(model)
 
     def step() -> list[float]:
         t0 = time.perf_counter()

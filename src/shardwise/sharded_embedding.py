@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
 from .collectives import chunk_range
 from .layouts import ModuleIO, Role
@@ -36,7 +36,7 @@ from .local_params import distribute_parameter, local_param
 from .redistribute import input_to_local, output_from_local
 from .sharded_linear import check_shardable
 
-__all__ = ["check_embedding", "parallelize_embedding"]
+__all__ = ["check_embedding", "embedding_placements", "parallelize_embedding"]
 
 
 def check_embedding(module: nn.Module, fqn: str, role: Role, world: int) -> None:
@@ -116,6 +116,17 @@ class ShardedEmbeddingForward:
         return y.masked_fill(outside.unsqueeze(-1), 0.0)
 
 
+def embedding_placements(role: Role) -> dict[str, Placement]:
+    """Where a ``role``-parallel Embedding's weight lives: vocabulary rows or embedding dims.
+
+    Example::
+
+        >>> embedding_placements("rowwise")
+        {'weight': Shard(dim=0)}
+    """
+    return {"weight": Shard(1) if role == "colwise" else Shard(0)}
+
+
 def parallelize_embedding(
     module: nn.Embedding, mesh: DeviceMesh, role: Role, io: ModuleIO
 ) -> nn.Embedding:
@@ -127,7 +138,8 @@ def parallelize_embedding(
 
         >>> parallelize_embedding(model.tok, mesh, "rowwise", ModuleIO(Replicate(), Replicate()))
     """
-    distribute_parameter(module, "weight", mesh, Shard(1) if role == "colwise" else Shard(0))
+    for name, placement in embedding_placements(role).items():
+        distribute_parameter(module, name, mesh, placement)
     forward = ShardedEmbeddingForward(role, mesh, io, module)
     module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
     return module

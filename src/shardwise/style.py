@@ -47,7 +47,7 @@ from .layouts import (
     make_output_tensor,
     make_sharded_output_tensor,
 )
-from .sharded_embedding import check_embedding, parallelize_embedding
+from .sharded_embedding import check_embedding, embedding_placements, parallelize_embedding
 from .sharded_linear import check_linear, linear_placements, parallelize_linear
 
 __all__ = [
@@ -229,7 +229,7 @@ class _LinearLikeStyle(ModuleStyle):
     def param_placements(self, module: Any) -> Mapping[str, Placement] | None:
         """``weight``/``bias`` placements on a Linear or Embedding (see :class:`ModuleStyle`)."""
         if isinstance(module, nn.Embedding):
-            return {"weight": Shard(0) if self.role == "rowwise" else Shard(1)}
+            return embedding_placements(self.role)
         if isinstance(module, nn.Linear):
             return linear_placements(self.role)
         return None
