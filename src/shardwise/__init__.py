@@ -10,6 +10,7 @@ Example::
 
 from .api import parallelize_module
 from .clip_grad import clip_grad_norm_
+from .expand import expand_plan
 from .fsdp import enable_2d_with_fsdp
 from .loss import vocab_parallel_cross_entropy
 from .multihead_attention_tp import TensorParallelMultiheadAttention
@@ -48,6 +49,7 @@ __all__ = [
     "TensorParallelMultiheadAttention",
     "clip_grad_norm_",
     "enable_2d_with_fsdp",
+    "expand_plan",
     "foreach_param_groups",
     "make_input_replicate_1d",
     "make_input_reshard_replicate",
