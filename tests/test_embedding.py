@@ -18,7 +18,7 @@ from shardwise import (
     SequenceParallel,
     parallelize_module,
 )
-from shardwise.collectives import chunk_range
+from shardwise._engine.collectives import chunk_range
 from shardwise.testing import check_parity, expect_raises, full, mesh_of
 from test_modern_layouts import AG, AR, RS, fwd_bwd_counts, io_parity
 

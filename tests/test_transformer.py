@@ -187,5 +187,5 @@ def test_decoder_layer_sequence_parallel(pools, world):
 @pytest.mark.parametrize("world", [2, 4])
 def test_transformer_sequence_parallel(pools, world):
     # encoder.norm / decoder.norm run on sequence shards outside the wrapped layers: their
-    # weight gradients must be summed over the TP group (shardwise.sequence_norm).
+    # weight gradients must be summed over the TP group (shardwise._engine.sequence_norm).
     _ok(pools(world).run(_transformer_sequence, world))

@@ -28,7 +28,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
-from .collectives import chunk_range
+from ._engine.collectives import chunk_range
 
 __all__ = ["LayoutCheck", "check_layouts"]
 

@@ -30,9 +30,9 @@ from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from . import collectives as C
+from ._engine import collectives as C
+from ._engine.sharded_linear import Role, check_linear, parallelize_linear
 from .layouts import ModuleIO
-from .sharded_linear import Role, check_linear, parallelize_linear
 
 __all__ = ["TensorParallelMultiheadAttention", "check_attention", "parallelize_attention"]
 

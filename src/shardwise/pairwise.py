@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from . import collectives as C
+from ._engine import collectives as C
+from ._engine.torch_compat import DropoutBase
 from .layouts import Role
 
 __all__ = [
@@ -76,7 +77,7 @@ def dropouts_inside_pairs(module: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
             linears_seen += 1
-        elif linears_seen % 2 == 1 and isinstance(child, nn.modules.dropout._DropoutNd):
+        elif linears_seen % 2 == 1 and isinstance(child, DropoutBase):
             found.append((name, child))
     return found
 

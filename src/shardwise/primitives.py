@@ -29,6 +29,8 @@ from typing import Any, ClassVar
 from torch import nn
 from torch.distributed.tensor import Placement, Replicate
 
+from ._engine.sequence_norm import check_norm, is_norm, shard_norm
+from ._engine.torch_compat import DropoutBase
 from .layouts import ModuleIO
 from .multihead_attention_tp import (
     TensorParallelMultiheadAttention,
@@ -37,7 +39,6 @@ from .multihead_attention_tp import (
 )
 from .pairwise import shard_sequence_io
 from .random import shard_dropout
-from .sequence_norm import check_norm, is_norm, shard_norm
 from .style_base import ModuleStyle, SharedRNG
 
 __all__ = [
@@ -51,7 +52,7 @@ __all__ = [
 
 ATTENTION_TYPES = (nn.MultiheadAttention, TensorParallelMultiheadAttention)
 # Every dropout module torch has (Dropout, Dropout1d/2d/3d, AlphaDropout, FeatureAlphaDropout).
-DROPOUT_TYPES: tuple[type[nn.Module], ...] = (nn.modules.dropout._DropoutNd,)
+DROPOUT_TYPES: tuple[type[nn.Module], ...] = (DropoutBase,)
 
 
 class ShardedNorm(ModuleStyle):

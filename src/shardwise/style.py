@@ -31,6 +31,9 @@ from typing import Any, ClassVar
 from torch import nn
 from torch.distributed.tensor import Placement, Replicate, Shard
 
+from ._engine.sequence_norm import is_norm
+from ._engine.sharded_embedding import check_embedding, embedding_placements, parallelize_embedding
+from ._engine.sharded_linear import check_linear, linear_placements, parallelize_linear
 from .layouts import (
     ModuleIO,
     Role,
@@ -55,9 +58,6 @@ from .primitives import (
     ShardedDropout,
     ShardedNorm,
 )
-from .sequence_norm import is_norm
-from .sharded_embedding import check_embedding, embedding_placements, parallelize_embedding
-from .sharded_linear import check_linear, linear_placements, parallelize_linear
 from .style_base import ModuleStyle, ParallelStyle, PlanContext, PrepareFn
 
 __all__ = [

@@ -18,7 +18,7 @@ GPT-2's ``c_attn`` fuses q|k|v into one ``[E, 3E]`` weight. Rank r needs columns
 local tensor is exactly ``[q_r | k_r | v_r]``, ``full_tensor()`` and ``state_dict``
 see the original ``[E, 3E]`` weight, gradients stay sharded (no weight all-reduce) and
 the parameter keeps its name. ``_StridedShard`` is private torch API (FSDP2 + TP's own
-layout); it is the only private API this package relies on.
+layout), imported through :mod:`shardwise._engine.torch_compat` like every other.
 
 Example::
 
@@ -35,10 +35,10 @@ import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
-from torch.distributed.tensor.placement_types import _StridedShard
 
-from .. import collectives as C
-from ..local_params import distribute_parameter, local_param
+from .._engine import collectives as C
+from .._engine.local_params import distribute_parameter, local_param
+from .._engine.torch_compat import StridedShard
 from ..style import ModuleStyle
 
 __all__ = ["ColwiseConv1D", "RowwiseConv1D", "is_conv1d"]
@@ -132,7 +132,7 @@ class ColwiseConv1D(ModuleStyle):
         return "ColwiseConv1D()" if self.parts == 1 else f"ColwiseConv1D(parts={self.parts})"
 
     def _placement(self, dim: int) -> Placement:
-        return Shard(dim) if self.parts == 1 else _StridedShard(dim, split_factor=self.parts)
+        return Shard(dim) if self.parts == 1 else StridedShard(dim, split_factor=self.parts)
 
     def check(self, module: Any, fqn: str, mesh: Any) -> None:
         """Raise (no communication) on a non-Conv1D or an indivisible ``nf``.

@@ -46,9 +46,9 @@ from torch import nn
 from torch.distributed import ProcessGroup
 from torch.distributed.tensor import DTensor, Replicate
 
-from .. import collectives as C
-from ..local_params import distribute_parameter, local_param
-from ..style import ModuleStyle
+from ._engine import collectives as C
+from ._engine.local_params import distribute_parameter, local_param
+from .style import ModuleStyle
 
 __all__ = ["AttentionHeads", "ColwiseHeads", "HeadLayout", "RowwiseHeads", "head_layout"]
 

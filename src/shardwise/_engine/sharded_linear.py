@@ -4,7 +4,7 @@
 module a forward that computes on local shards. Its input and output handling is a
 :class:`~shardwise.layouts.ModuleIO`: the seed's layout functions and torch 2.x's
 ``input_layouts``/``output_layouts`` both become placements, and each placement
-transition one autograd-aware collective from :mod:`shardwise.collectives`. A user's own
+transition one autograd-aware collective from :mod:`shardwise._engine.collectives`. A user's own
 function, or a transition with no local recipe, runs through DTensor (slower, same values).
 
 Features that the tensor-parallel size does not divide are split like ``torch.chunk``
@@ -30,8 +30,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
+from ..layouts import ModuleIO, PrepareFn, Role, io_from_functions, normalize
 from . import collectives as C
-from .layouts import ModuleIO, PrepareFn, Role, io_from_functions, normalize
 from .local_params import distribute_parameter, local_param
 from .redistribute import input_to_local, output_from_local
 
