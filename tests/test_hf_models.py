@@ -329,14 +329,15 @@ def test_indivisible_heads_raise_before_communicating(pools):
 
 @pytest.mark.parametrize(
     ("kind", "world", "backward"),
-    [("gpt2", 2, 4), ("llama_gqa", 2, 4), ("llama_gqa", 4, 10)],
+    [("gpt2", 2, 4), ("llama_gqa", 2, 4), ("llama_gqa", 4, 8)],
     ids=["gpt2-2", "llama_gqa-2", "llama_gqa-4-replicated-kv"],
 )
 def test_collective_counts(pools, kind, world, backward):
     # Per layer, forward: one all-reduce after attention, one after the MLP. Backward: one
     # for q/k/v (one shared input, or GPT-2's fused c_attn) and one for the MLP input. With
-    # KV heads replicated (4 ranks, 2 KV heads) k/v share a second input all-reduce, and
-    # their weight gradients (partial on each rank) are all-reduced: 5 per layer.
+    # KV heads replicated (4 ranks, 2 KV heads) q (ColwiseParallel) and k/v (ColwiseHeads)
+    # still share one input all-reduce; k's and v's weight gradients (partial on each
+    # rank) are all-reduced: 4 per layer.
     fwd, bwd = pools(world).run(_collective_counts, world, kind)[0]
     assert fwd == {AR: 4} and bwd == {AR: backward}
 
