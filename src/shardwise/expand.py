@@ -23,7 +23,7 @@ from typing import Any
 from torch import nn
 
 from .style import as_module_style
-from .style_base import ModuleStyle, ParallelStyle, PlanContext, PlanMesh
+from .style_base import ModuleStyle, ParallelStyle, PlanContext, PlanMesh, join_fqn
 
 __all__ = ["Entry", "Plan", "check_entries", "expand_entries", "expand_plan"]
 
@@ -92,7 +92,7 @@ def _expand_dict(
                 f"({type(key).__name__})."
             )
         for fqn, module in resolve(root, key):
-            full = join(prefix, fqn)
+            full = join_fqn(prefix, fqn)
             if isinstance(value, Mapping):
                 _expand_dict(module, full, value, ctx, out)
             elif isinstance(value, ParallelStyle):
@@ -143,17 +143,6 @@ def _check_claims(entries: list[Entry]) -> None:
         claimed[id(entry.module)] = entry.fqn
 
 
-def join(prefix: str, name: str) -> str:
-    """``prefix.name``, or whichever of the two is not empty.
-
-    Example::
-
-        >>> join("blocks.0", "mlp"), join("", "mlp"), join("blocks.0", "")
-        ('blocks.0.mlp', 'mlp', 'blocks.0')
-    """
-    return f"{prefix}.{name}" if prefix and name else prefix or name
-
-
 def resolve(root: nn.Module, key: str) -> list[tuple[str, nn.Module]]:
     """Every submodule matching ``key``; atoms may be fnmatch globs (``layers.*.mlp``).
 
@@ -173,7 +162,7 @@ def resolve(root: nn.Module, key: str) -> list[tuple[str, nn.Module]]:
                 names = [n for n in children if fnmatch.fnmatchcase(n, atom)]
             else:
                 names = [atom] if atom in children else []
-            nxt.extend((join(path, n), children[n]) for n in names)
+            nxt.extend((join_fqn(path, n), children[n]) for n in names)
         if not nxt:
             where = matches[0][0] or type(root).__name__
             owner = type(matches[0][1]).__name__

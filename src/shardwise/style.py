@@ -58,7 +58,7 @@ from .primitives import (
     ShardedDropout,
     ShardedNorm,
 )
-from .style_base import ModuleStyle, ParallelStyle, PlanContext, PrepareFn
+from .style_base import ModuleStyle, ParallelStyle, PlanContext, PrepareFn, join_fqn
 
 __all__ = [
     "ColwiseParallel",
@@ -336,7 +336,7 @@ class PairwiseParallel(ModuleStyle):
             return self._expand_mlp(module, fqn, ctx)
         entries: dict[str, ModuleStyle] = {}
         for name, child in module.named_children():
-            entries.update(self.expand(child, _join(fqn, name), ctx))
+            entries.update(self.expand(child, join_fqn(fqn, name), ctx))
         return entries
 
     def _expand_mlp(self, module: nn.Module, fqn: str, ctx: PlanContext) -> dict[str, ModuleStyle]:
@@ -346,16 +346,16 @@ class PairwiseParallel(ModuleStyle):
         first_in = make_input_replicate_1d if layer_io else self.input_fn()
         last_out = make_output_tensor if layer_io else self.output_fn()
         entries: dict[str, ModuleStyle] = {
-            _join(fqn, name): ShardedDropout(ctx.rng) for name, _ in dropouts_inside_pairs(module)
+            join_fqn(fqn, name): ShardedDropout(ctx.rng) for name, _ in dropouts_inside_pairs(module)
         }
         pairs = mlp_pairs(module, fqn, type(self).__name__)
         for i, (name, _, role) in enumerate(pairs):
             if role == "colwise":
                 fn_in = first_in if i == 0 else make_input_replicate_1d
-                entries[_join(fqn, name)] = ColwiseParallel(fn_in, make_sharded_output_tensor)
+                entries[join_fqn(fqn, name)] = ColwiseParallel(fn_in, make_sharded_output_tensor)
             else:
                 fn_out = last_out if i == len(pairs) - 1 else make_output_tensor
-                entries[_join(fqn, name)] = RowwiseParallel(make_input_shard_1d_last_dim, fn_out)
+                entries[join_fqn(fqn, name)] = RowwiseParallel(make_input_shard_1d_last_dim, fn_out)
         if layer_io:
             entries[fqn] = SequenceShardedLayer()
         return entries
@@ -425,7 +425,3 @@ class FunctionStyle(PairwiseParallel):
 def as_module_style(style: ParallelStyle) -> ModuleStyle:
     """``style`` itself, or a plain ParallelStyle subclass wrapped as :class:`FunctionStyle`."""
     return style if isinstance(style, ModuleStyle) else FunctionStyle(style)
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name

@@ -24,9 +24,24 @@ import torch
 from torch import nn
 from torch.distributed.tensor import Placement
 
-__all__ = ["ModuleStyle", "ParallelStyle", "PlanContext", "PlanMesh", "PrepareFn", "SharedRNG"]
+from .random import TensorParallelRNG
+
+__all__ = [
+    "ModuleStyle", "ParallelStyle", "PlanContext", "PlanMesh", "PrepareFn", "SharedRNG", "join_fqn",
+]
 
 PrepareFn = Callable[..., Any]
+
+
+def join_fqn(prefix: str, name: str) -> str:
+    """``prefix.name``, or whichever of the two is not empty.
+
+    Example::
+
+        >>> join_fqn("blocks.0", "mlp"), join_fqn("", "mlp"), join_fqn("blocks.0", "")
+        ('blocks.0.mlp', 'mlp', 'blocks.0')
+    """
+    return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
 class ParallelStyle(ABC):
@@ -69,13 +84,11 @@ class SharedRNG:
     """
 
     def __init__(self) -> None:
-        self._rng: Any = None
+        self._rng: TensorParallelRNG | None = None
 
-    def get(self, mesh: Any) -> Any:
+    def get(self, mesh: Any) -> TensorParallelRNG:
         """The :class:`~shardwise.random.TensorParallelRNG` for ``mesh`` (made once)."""
         if self._rng is None:
-            from .random import TensorParallelRNG
-
             self._rng = TensorParallelRNG(mesh, torch.initial_seed())
         return self._rng
 
