@@ -141,6 +141,10 @@ def _shared_entry(
     source = x._base
     if source is None:
         source = x
+    if source.is_inference():
+        # Inference tensors keep no version counter, so an in-place change could not be
+        # told from the tensor the entry was made for: no sharing, one collective per layer.
+        return C.copy_to_region(x, group) if make is None else make()
     key = (
         kind, id(source), source._version, x.storage_offset(), x.shape, x.stride(), x.dtype,
         id(group), dim, torch.is_grad_enabled(),
@@ -237,7 +241,16 @@ class ShardedLinearForward:
             return fast[1], fast[3]
         w = local_param(weight)
         assert w is not None  # a Linear always has a weight
-        return w, local_param(bias)
+        b = local_param(bias)
+        if (
+            isinstance(weight, DTensor)
+            and w is weight._local_tensor
+            and (bias is None or (isinstance(bias, DTensor) and b is bias._local_tensor))
+        ):
+            # Adopted after a move (``module.to(...)`` swaps the local tensors): take the
+            # short cut again, and let go of the tensors installed before.
+            self._installed = (weight, w, bias, b)
+        return w, b
 
     def _colwise_input(self, x: Any) -> Any:
         io, group = self.io, self.group

@@ -354,8 +354,8 @@ class PairwiseParallel(ParallelStyle):
     split across ranks) and to ``nn.Transformer`` and its encoder/decoder layers (their
     feed-forward pairs).
 
-    * Input: replicated. ``None`` means :func:`make_input_replicate_1d`.
-    * Output: replicated plain tensor. ``None`` means :func:`make_output_tensor`.
+    * Input: replicated. ``None`` means :func:`make_input_replicate_1d`, and is stored as it.
+    * Output: replicated plain tensor. ``None`` means :func:`make_output_tensor`, stored as it.
     * Forward: one all-reduce per pair. Backward: one all-reduce per pair.
 
     Example::
@@ -366,7 +366,11 @@ class PairwiseParallel(ParallelStyle):
     def __init__(
         self, _prepare_input: PrepareFn | None = None, _prepare_output: PrepareFn | None = None
     ) -> None:
-        super().__init__(_prepare_input, _prepare_output)
+        # The seed stores its defaults in place of ``None`` (SEMANTICS.md, section 2).
+        super().__init__(
+            make_input_replicate_1d if _prepare_input is None else _prepare_input,
+            make_output_tensor if _prepare_output is None else _prepare_output,
+        )
 
     def input_fn(self) -> PrepareFn:
         """The input function this style applies (``None`` resolved to its default).
