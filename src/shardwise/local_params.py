@@ -73,7 +73,7 @@ def local_param(param: torch.Tensor | None) -> torch.Tensor | None:
         return param._local_tensor.detach()
     local = param._local_tensor
     owner = getattr(local, _OWNER, None)
-    if owner is param and param.is_leaf:
+    if param.is_leaf and owner is param:
         return local
     if isinstance(param, torch.nn.Parameter) and param.is_leaf and owner is None:
         # A parameter swapped in by someone else (``module.to(...)``, or FSDP's unsharded
