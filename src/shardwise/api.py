@@ -25,6 +25,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Placement, Replicate
 
+from .agreement import agree_on_plan, check_not_wrapped, describe_fn, describe_style
 from .mesh import default_mesh, tp_submesh
 from .multihead_attention_tp import (
     TensorParallelMultiheadAttention,
@@ -58,6 +59,7 @@ class _Step:
     fqn: str
     module: nn.Module
     apply: Callable[[], nn.Module]
+    what: str = ""  # what the step does, for the ranks' plan fingerprint (see .agreement)
 
 
 @dataclass
@@ -79,7 +81,9 @@ class _Planner:
     def shard_dropouts(self, modules: list[tuple[str, nn.Module]]) -> None:
         for fqn, module in modules:
             self.claim(module, fqn)
-            self.steps.append(_Step(fqn, module, functools.partial(shard_dropout, module, self.rng)))
+            self.steps.append(
+                _Step(fqn, module, functools.partial(shard_dropout, module, self.rng), "sharded dropout")
+            )
 
     @property
     def world(self) -> int:
@@ -108,20 +112,25 @@ class _Planner:
             if style.exclusive:
                 self.own(module, fqn, style.param_placements(module))
             target, mesh = module, self.mesh
-            self.steps.append(_Step(fqn, module, lambda: style.apply(target, mesh)))
+            self.steps.append(
+                _Step(fqn, module, lambda: style.apply(target, mesh), describe_style(style))
+            )
             return 1
         if isinstance(style, SequenceParallel) and is_norm(module):
             check_norm(module, fqn)
             self.own(module, fqn, {"weight": Replicate(), "bias": Replicate()})
             norm, mesh = module, self.mesh
-            self.steps.append(_Step(fqn, module, lambda: shard_norm(norm, mesh)))
+            self.steps.append(_Step(fqn, module, lambda: shard_norm(norm, mesh), "sequence-parallel norm"))
             return 1
         if isinstance(module, ATTENTION_TYPES):
             check_attention(module, fqn, self.world)
             self.own(module, fqn, None)
             attn, mesh, rng = module, self.mesh, self.rng
             self.steps.append(
-                _Step(fqn, module, lambda: _with_rng(parallelize_attention(attn, mesh, style), rng))
+                _Step(
+                    fqn, module, lambda: _with_rng(parallelize_attention(attn, mesh, style), rng),
+                    f"attention under {describe_style(style)}",
+                )
             )
             return 1
         if isinstance(style, SequenceParallel) and isinstance(module, DROPOUT_TYPES):
@@ -134,12 +143,19 @@ class _Planner:
             )
             for spec in specs:
                 self.own(spec.module, spec.fqn, linear_placements(spec.role))
-                self.steps.append(
-                    _Step(spec.fqn, spec.module, _linear_step(spec, self.mesh))
+                what = (
+                    f"{spec.role} pair member of {describe_style(style)}, in "
+                    f"{describe_fn(spec.prepare_input)}, out {describe_fn(spec.prepare_output)}"
                 )
+                self.steps.append(_Step(spec.fqn, spec.module, _linear_step(spec, self.mesh), what))
             if isinstance(style, SequenceParallel) and is_transformer_layer(module):
                 layer, mesh = module, self.mesh
-                self.steps.append(_Step(fqn, module, lambda: _with(layer, shard_sequence_io, mesh)))
+                self.steps.append(
+                    _Step(
+                        fqn, module, lambda: _with(layer, shard_sequence_io, mesh),
+                        "sequence-sharded layer input/output",
+                    )
+                )
             return len(specs)
         return sum(
             self.plan_style(child, _join(fqn, name), style)
@@ -253,7 +269,11 @@ def parallelize_module(
         tp_mesh_dim: the mesh dimension to shard over; must lie in ``[-ndim, ndim)``.
 
     Weights are taken from TP-mesh coordinate 0 and scattered; what other ranks held is
-    discarded. All validation happens before the first collective.
+    discarded. All validation happens before the first collective. Then the ranks of the
+    TP group compare a fingerprint of the steps in one small all-gather and raise on every
+    rank if they were given different models or plans (:mod:`shardwise.agreement`); the
+    steps run in the model's module order, whatever the order of the plan's keys. A model
+    already wrapped in DDP or FSDP is refused: parallelize first, then wrap.
 
     Example::
 
@@ -262,6 +282,8 @@ def parallelize_module(
     """
     if isinstance(device_mesh, (ParallelStyle, Mapping, str)) and parallelize_plan is None:
         device_mesh, parallelize_plan = None, device_mesh
+    if isinstance(module, nn.Module):
+        check_not_wrapped(module)  # DDP/FSDP must wrap the parallelized model, not the reverse
     if parallelize_plan == "auto":
         from .hf import auto_plan  # imported here: hf.plans imports this module
 
@@ -296,8 +318,10 @@ def parallelize_module(
 
     ties = check_ties(module, planner.owned)  # the last check: nothing has moved yet
 
+    # One small all-gather: every rank holds the same steps, or every rank raises.
+    steps = agree_on_plan(module, planner.steps, tp_mesh)
     root = module
-    for step in planner.steps:
+    for step in steps:
         new = step.apply()
         if new is not step.module:
             root = _set_submodule(root, step.fqn, new)

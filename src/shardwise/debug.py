@@ -41,9 +41,6 @@ class _Declared:
     module: nn.Module
     placement: Placement
     group: ProcessGroup
-    # A sharded input the module computes on locally may be split unevenly (torch.chunk
-    # sizes, as a row-parallel Linear's features are); one it gathers must split evenly.
-    uneven_ok: bool = False
 
     @property
     def label(self) -> str:
@@ -60,8 +57,7 @@ def _declared_inputs(model: nn.Module) -> Iterator[_Declared]:
         io, mesh = getattr(fwd, "io", None), getattr(fwd, "mesh", None)
         if io is not None and mesh is not None:
             if io.input_fn is None and io.input_layout is not None and mesh.size() > 1:
-                local = isinstance(module, nn.Linear) and getattr(fwd, "role", None) == "rowwise"
-                yield _Declared(fqn, module, io.input_layout, mesh.get_group(), local)
+                yield _Declared(fqn, module, io.input_layout, mesh.get_group())
         elif getattr(fwd, "role", None) == "colwise" and hasattr(fwd, "group"):
             # HF Conv1D / head-sliced projections: a column-parallel input is replicated.
             if dist.get_world_size(fwd.group) > 1:
@@ -147,12 +143,10 @@ class LayoutCheck:
         if not replicate:
             lengths = [int(v) for v in high[n:]]
             total = sum(lengths)
-            if d.uneven_ok:
-                want = [chunk_range(total, world, r)[1] for r in range(world)]
-                rule = f"a torch.chunk split of {total}"
-            else:
-                want = [total // world] * world
-                rule = f"an even split of {total} (this module gathers it)"
+            # Local shards and gathered ones alike take torch.chunk lengths (3 + 2 for 5 on
+            # 2 ranks): gathers learn each rank's length (shardwise.sized_gather).
+            want = [chunk_range(total, world, r)[1] for r in range(world)]
+            rule = f"the torch.chunk split of {total} over {world} ranks"
             if lengths != want:
                 raise ValueError(
                     f"{d.label}: its input is declared {d.placement!r}, but the ranks' lengths "
