@@ -84,7 +84,7 @@ def check_not_wrapped(module: nn.Module) -> None:
 
         >>> check_not_wrapped(DDP(model))
         Traceback (most recent call last):
-        TypeError: parallelize_module: '' is wrapped in DistributedDataParallel (DDP) ...
+        TypeError: parallelize_module: the model is wrapped in DistributedDataParallel (DDP) ...
     """
     kinds = _wrappers()
     if not kinds:
@@ -94,8 +94,9 @@ def check_not_wrapped(module: nn.Module) -> None:
         if isinstance(sub, classes):
             for cls, name, how in kinds:
                 if isinstance(sub, cls):
+                    where = f"'{fqn}'" if fqn else "the model"
                     raise TypeError(
-                        f"parallelize_module: '{fqn or type(sub).__name__}' is wrapped in {name}; "
+                        f"parallelize_module: {where} is wrapped in {name}; "
                         f"apply tensor parallelism to the unwrapped model first, then wrap it "
                         f"({_ORDER}): parallelize_module(model, mesh2d, plan, tp_mesh_dim=1), "
                         f"then {how}."
