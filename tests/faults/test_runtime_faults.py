@@ -231,3 +231,30 @@ def test_clip_grad_norm_joins_without_gradients(pools):
     assert sq1 == 0.0 and sq0 > 0
     assert t0 == t1
     assert math.isclose(t0, math.sqrt(sq0), rel_tol=1e-5)
+
+
+def _cross_entropy_targets(world: int, case: str) -> tuple[str, str]:
+    from shardwise import vocab_parallel_cross_entropy
+
+    torch.manual_seed(0)
+    logits = distribute_tensor(torch.randn(4, 8), mesh_of(world), [Shard(-1)])
+    target = torch.tensor([0, 1, 2, 3])
+    if dist.get_rank() == 1:
+        target = torch.tensor([0, 1, 9, 3]) if case == "out of range" else torch.tensor([0, 1, 3, 2])
+    return _outcome(lambda: vocab_parallel_cross_entropy(logits, target))
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("out of range", ("IndexError", "target values must be in [0, 8) or ignore_index=-100; "
+                          "found 9 (on some rank of the vocabulary group; every rank raises this).")),
+        ("differs", ("ValueError", "vocab_parallel_cross_entropy: target differs between the "
+                     "ranks of the vocabulary group; every rank must pass the same (replicated) "
+                     "target.")),
+    ],
+)
+def test_cross_entropy_target_fault_on_one_rank_raises_everywhere(pools, case, expected):
+    # Checked inside the row-max all-reduce: no extra collective, and rank 0 no longer
+    # waits for a rank 1 that raised alone.
+    assert pools(2).run(_cross_entropy_targets, 2, case, timeout=TIMEOUT) == [expected] * 2
