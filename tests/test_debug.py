@@ -63,14 +63,16 @@ def _mismatches(world: int) -> list[str]:
         sp(torch.randn(3, 2, 8))
         msgs.append(expect_raises(ValueError, sp, torch.randn(3, 2 + rank, 8),
                                   match=r"declared Shard\(dim=0\).*dim 1: 2\.\.3"))
-        # The module all-gathers its sequence shards: they must be equally long.
+        # The module all-gathers its sequence shards: torch.chunk lengths (4 + 3 for 7).
+        sp(torch.randn(4 - rank, 2, 8))
         msgs.append(expect_raises(ValueError, sp, torch.randn(3 + rank, 2, 8),
-                                  match=r"lengths along dim 0 are \[3, 4\], not an even split of 7"))
+                                  match=r"lengths along dim 0 are \[3, 4\], not the torch.chunk "
+                                        r"split of 7 over 2 ranks: \[4, 3\]"))
     row = parallelize_module(nn.Linear(5, 4), mesh_of(world), RowwiseParallel())
     with check_layouts(row):
         row(torch.randn(2, 3 - rank))  # 5 features on 2 ranks: 3 + 2, as torch.chunk splits
         msgs.append(expect_raises(ValueError, row, torch.randn(2, 2 + rank),
-                                  match=r"lengths along dim 1 are \[2, 3\], not a torch.chunk split of 5"))
+                                  match=r"lengths along dim 1 are \[2, 3\], not the torch.chunk split of 5"))
     return msgs
 
 

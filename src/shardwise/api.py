@@ -20,6 +20,7 @@ from typing import Literal
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from .agreement import agree_on_plan, check_not_wrapped
 from .expand import Plan, check_entries, expand_entries
 from .mesh import default_mesh, tp_submesh
 from .style_base import ParallelStyle, PlanContext
@@ -70,6 +71,8 @@ def parallelize_module(
     """
     if isinstance(device_mesh, (ParallelStyle, Mapping, str)) and parallelize_plan is None:
         device_mesh, parallelize_plan = None, device_mesh
+    if isinstance(module, nn.Module):
+        check_not_wrapped(module)  # DDP/FSDP must wrap the parallelized model, not the reverse
     if parallelize_plan == "auto":
         from .hf import auto_plan  # imported here: hf.plans imports this module
 
@@ -105,8 +108,9 @@ def parallelize_module(
     }
     ties = check_ties(module, owned)  # the last check: nothing has moved yet
 
+    # One small all-gather: every rank holds the same entries, or every rank raises.
     root = module
-    for entry in entries:
+    for entry in agree_on_plan(module, entries, tp_mesh):
         new = entry.style.apply(entry.module, tp_mesh)
         if new is not entry.module:
             root = _set_submodule(root, entry.fqn, new)

@@ -51,6 +51,10 @@ def _split_grads(
     for i, p in enumerate(params):
         grad = p.grad
         if grad is None:
+            # No gradient here, but maybe on other ranks: a sharded parameter still names
+            # its shard groups, so this rank joins their all-reduce (with nothing to add).
+            if isinstance(p, DTensor):
+                _shard_key(p, sharded)
             continue
         if not isinstance(grad, DTensor):
             local_grads.append(grad)
@@ -64,14 +68,29 @@ def _split_grads(
             )
         local = grad.to_local()
         local_grads.append(local)
-        # Anything that is neither Replicate nor Partial splits the tensor (Shard, _StridedShard).
-        shard_dims = [d for d, pl in enumerate(placements) if not isinstance(pl, Replicate)]
-        if not shard_dims:
+        # The parameter's layout, not the gradient's, picks the groups: it is the same on
+        # every rank whether or not this rank has a gradient.
+        key = _shard_key(p if isinstance(p, DTensor) else grad, sharded)
+        if key is None:
             replicated.append(local)
         else:
-            key = tuple(grad.device_mesh.get_group(d) for d in shard_dims)
-            sharded.setdefault(key, []).append(local)
+            sharded[key].append(local)
     return local_grads, replicated, sharded
+
+
+def _shard_key(
+    t: DTensor, sharded: dict[tuple[ProcessGroup, ...], list[torch.Tensor]]
+) -> tuple[ProcessGroup, ...] | None:
+    """The process groups ``t`` is split over (registered in ``sharded``), or ``None``."""
+    # Anything that is neither Replicate nor Partial splits the tensor (Shard, _StridedShard).
+    shard_dims = [
+        d for d, pl in enumerate(t.placements) if not isinstance(pl, Replicate) and not pl.is_partial()
+    ]
+    if not shard_dims:
+        return None
+    key = tuple(t.device_mesh.get_group(d) for d in shard_dims)
+    sharded.setdefault(key, [])
+    return key
 
 
 def _scale_(grads: list[torch.Tensor], coef: torch.Tensor, foreach: bool | None) -> None:
@@ -85,6 +104,13 @@ def _scale_(grads: list[torch.Tensor], coef: torch.Tensor, foreach: bool | None)
                 g.mul_(c)
         else:
             foreach_mul_(group, c)
+
+
+def _local_device(params: list[torch.Tensor]) -> torch.device:
+    for p in params:
+        if isinstance(p, DTensor):
+            return p.to_local().device
+    return params[0].device
 
 
 def clip_grad_norm_(
@@ -115,6 +141,10 @@ def clip_grad_norm_(
     Returns:
         The total norm before clipping, a plain tensor equal on every rank.
 
+    Every rank takes part in the same all-reduces whatever gradients it holds (a rank
+    whose parameters have no ``.grad`` contributes nothing), so all ranks must pass the
+    same parameters, as they hold the same model.
+
     Example::
 
         >>> total = clip_grad_norm_(list(tp_model.parameters()) + [extra], max_norm=1.0)
@@ -122,14 +152,16 @@ def clip_grad_norm_(
     norm_type = float(norm_type)
     if not (norm_type > 0 or norm_type == math.inf):
         raise ValueError(f"norm_type must be > 0 or inf, got {norm_type}.")
-    local_grads, replicated, sharded = _split_grads(parameters)
-    if not local_grads:
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    local_grads, replicated, sharded = _split_grads(params)
+    if not local_grads and not sharded:
         return torch.tensor(0.0)
-    device = local_grads[0].device
+    device = local_grads[0].device if local_grads else _local_device(params)
     is_inf = norm_type == math.inf
     op = dist.ReduceOp.MAX if is_inf else dist.ReduceOp.SUM
     parts = [get_total_norm(replicated, norm_type, foreach=foreach).to(device)]
     for groups, grads in sharded.items():
+        # A rank without gradients in this group still takes part in its all-reduce.
         part = get_total_norm(grads, norm_type, foreach=foreach).to(device)
         part = part if is_inf else part.pow(norm_type)
         for group in groups:  # one collective per shard mesh dim: 1 on a 1-D TP mesh

@@ -42,9 +42,6 @@ class _Declared:
     module: nn.Module
     placement: Placement
     group: ProcessGroup
-    # A sharded input the module computes on locally may be split unevenly (torch.chunk
-    # sizes, as a row-parallel Linear's features are); one it gathers must split evenly.
-    uneven_ok: bool = False
 
     @property
     def label(self) -> str:
@@ -58,7 +55,7 @@ def _declared_inputs(model: nn.Module) -> Iterator[_Declared]:
         fwd = installed_forward(module)
         if fwd is None or fwd.input_layout is None or dist.get_world_size(fwd.group) == 1:
             continue
-        yield _Declared(fqn, module, fwd.input_layout, fwd.group, fwd.uneven_input_ok)
+        yield _Declared(fqn, module, fwd.input_layout, fwd.group)
 
 
 def _shape_code(x: torch.Tensor, free_dim: int | None) -> list[float]:
@@ -140,12 +137,10 @@ class LayoutCheck:
         if not replicate:
             lengths = [int(v) for v in high[n:]]
             total = sum(lengths)
-            if d.uneven_ok:
-                want = [chunk_range(total, world, r)[1] for r in range(world)]
-                rule = f"a torch.chunk split of {total}"
-            else:
-                want = [total // world] * world
-                rule = f"an even split of {total} (this module gathers it)"
+            # Local shards and gathered ones alike take torch.chunk lengths (3 + 2 for 5 on
+            # 2 ranks): gathers learn each rank's length (shardwise.sized_gather).
+            want = [chunk_range(total, world, r)[1] for r in range(world)]
+            rule = f"the torch.chunk split of {total} over {world} ranks"
             if lengths != want:
                 raise ValueError(
                     f"{d.label}: its input is declared {d.placement!r}, but the ranks' lengths "

@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from .agreement import describe_style
 from .style import as_module_style
 from .style_base import ModuleStyle, ParallelStyle, PlanContext, PlanMesh, join_fqn
 
@@ -37,6 +38,11 @@ class Entry:
     fqn: str
     module: nn.Module
     style: ModuleStyle
+
+    @property
+    def what(self) -> str:
+        """The style, described the same way on every rank (for the plan fingerprint)."""
+        return describe_style(self.style)
 
 
 def expand_plan(model: nn.Module, plan: Plan, tp_size: int) -> dict[str, ModuleStyle]:

@@ -99,14 +99,46 @@ def _check_target(
             f"target shape {tuple(target.shape)} does not match the leading shape "
             f"{tuple(logits.shape[:-1])} of logits {tuple(logits.shape)}."
         )
-    # target is the same on every rank, so this check agrees everywhere (no collective).
-    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
-    if bool(bad.any()):
-        raise IndexError(
-            f"target values must be in [0, {vocab}) or ignore_index={ignore_index}; "
-            f"found {target[bad][0].item()}."
-        )
     return target
+
+
+_CHECK_PRIME = 16_777_213  # below 2**24: checksums stay exact in float32
+
+
+def _target_check(target: torch.Tensor, ignore_index: int, vocab: int) -> torch.Tensor:
+    """``[largest bad id, -smallest bad id, checksum, -checksum]`` of this rank's ``target``.
+
+    Bad ids are those outside ``[0, vocab)`` other than ``ignore_index`` (``-inf`` when
+    there is none). The four numbers ride in the row-max all-reduce (MAX), so every rank
+    learns whether any rank's target is out of range or differs from the others', at no
+    extra collective, and raises the same error: a check on one rank alone would leave
+    the others waiting in the next collective.
+    """
+    t = target.reshape(-1).long()
+    bad = (t != ignore_index) & ((t < 0) | (t >= vocab))
+    tf = t.to(torch.float64)
+    none = torch.full((1,), float("-inf"), dtype=torch.float64, device=t.device)
+    high = torch.cat([torch.where(bad, tf, none), none]).amax()
+    low = torch.cat([torch.where(bad, -tf, none), none]).amax()
+    weights = torch.arange(t.numel(), device=t.device).remainder_(7919).add_(1)
+    checksum = ((t + 2) * weights).remainder_(_CHECK_PRIME).sum().remainder(_CHECK_PRIME)
+    checksum = checksum.to(torch.float64)
+    return torch.stack([high, low, checksum, -checksum]).float()
+
+
+def _raise_on_target_mismatch(check: torch.Tensor, ignore_index: int, vocab: int) -> None:
+    high, low, checksum, negated = check.tolist()
+    if high > float("-inf"):
+        found = int(high) if high >= vocab else int(-low)
+        raise IndexError(
+            f"target values must be in [0, {vocab}) or ignore_index={ignore_index}; found "
+            f"{found} (on some rank of the vocabulary group; every rank raises this)."
+        )
+    if checksum != -negated:
+        raise ValueError(
+            "vocab_parallel_cross_entropy: target differs between the ranks of the vocabulary "
+            "group; every rank must pass the same (replicated) target."
+        )
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -129,7 +161,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             row_max = x.amax(dim=-1)  # [...]
         else:  # an empty tail shard (V < W * ceil(V / W))
             row_max = torch.full(x.shape[:-1], float("-inf"), device=x.device)
-        _all_reduce_(row_max, dist.ReduceOp.MAX, group)
+        # The target check (4 numbers) rides in the MAX all-reduce: one collective.
+        check = _target_check(target, ignore_index, vocab).to(row_max.device)
+        both = torch.cat([row_max.reshape(-1), check])
+        _all_reduce_(both, dist.ReduceOp.MAX, group)
+        _raise_on_target_mismatch(both[-4:], ignore_index, vocab)
+        row_max = both[:-4].view(row_max.shape)
         z = x - row_max.unsqueeze(-1)  # [..., V/W], <= 0
         valid = target != ignore_index
         local_t = target - start

@@ -62,7 +62,13 @@ def tp_submesh(device_mesh: DeviceMesh, tp_mesh_dim: int = 0) -> DeviceMesh:
     if not isinstance(device_mesh, DeviceMesh):
         raise TypeError(f"device_mesh must be a DeviceMesh, got {type(device_mesh).__name__}")
     ndim = device_mesh.ndim
-    if not isinstance(tp_mesh_dim, int) or not -ndim <= tp_mesh_dim < ndim:
+    if isinstance(tp_mesh_dim, bool) or not isinstance(tp_mesh_dim, int):
+        # bool is an int subclass: ``tp_mesh_dim=True`` would otherwise silently mean 1.
+        raise ValueError(
+            f"tp_mesh_dim must be an int mesh dimension, got {tp_mesh_dim!r} "
+            f"({type(tp_mesh_dim).__name__})."
+        )
+    if not -ndim <= tp_mesh_dim < ndim:
         raise ValueError(
             f"Expect tp_mesh_dim within range [{-ndim}, {ndim}), but found {tp_mesh_dim}."
         )

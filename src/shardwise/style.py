@@ -284,8 +284,8 @@ class PairwiseParallel(ModuleStyle):
     feed-forward pairs). It is a plan, not a mechanism: :meth:`expand` turns it into
     ``ColwiseParallel``/``RowwiseParallel``/``ShardedAttention`` entries.
 
-    * Input: replicated. ``None`` means :func:`make_input_replicate_1d` (stored as such).
-    * Output: replicated plain tensor. ``None`` means :func:`make_output_tensor`.
+    * Input: replicated. ``None`` means :func:`make_input_replicate_1d`, and is stored as it.
+    * Output: replicated plain tensor. ``None`` means :func:`make_output_tensor`, stored as it.
     * Forward: one all-reduce per pair. Backward: one all-reduce per pair.
 
     Example::
@@ -298,8 +298,10 @@ class PairwiseParallel(ModuleStyle):
     def __init__(
         self, _prepare_input: PrepareFn | None = None, _prepare_output: PrepareFn | None = None
     ) -> None:
+        # The seed stores its defaults in place of ``None`` (SEMANTICS.md, section 2).
         super().__init__(
-            _prepare_input or make_input_replicate_1d, _prepare_output or make_output_tensor
+            make_input_replicate_1d if _prepare_input is None else _prepare_input,
+            make_output_tensor if _prepare_output is None else _prepare_output,
         )
 
     def input_fn(self) -> PrepareFn:

@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from .sized_gather import gather_sized
+
 __all__ = [
     "all_gather_along",
     "chunk_range",
@@ -175,13 +177,23 @@ class _ReduceFromRegion(torch.autograd.Function):
         return grad, None
 
 
+def _gather(x: torch.Tensor, group: ProcessGroup, dim: int, size: int | None) -> torch.Tensor:
+    """``all_gather_along``; with an unknown ``size`` on gloo (CPU), :func:`gather_sized`."""
+    if size is None and x.device.type == "cpu" and dist.get_world_size(group) > 1:
+        # Pieces whose lengths the caller cannot vouch for (a user's sequence split): the
+        # sized gather takes uneven torch.chunk pieces and raises on every rank, instead
+        # of letting gloo abort the process, when the ranks' pieces do not fit together.
+        return gather_sized(x, group, dim)
+    return all_gather_along(x, group, dim, size)
+
+
 class _GatherFromRegion(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, x: torch.Tensor, group: ProcessGroup, dim: int, size: int | None
     ) -> torch.Tensor:
         ctx.group, ctx.dim = group, dim
-        return all_gather_along(x, group, dim, size)
+        return _gather(x, group, dim, size)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
@@ -205,7 +217,7 @@ class _GatherFromSequenceRegion(torch.autograd.Function):
         ctx: Any, x: torch.Tensor, group: ProcessGroup, dim: int, size: int | None
     ) -> torch.Tensor:
         ctx.group, ctx.dim = group, dim
-        return all_gather_along(x, group, dim, size)
+        return _gather(x, group, dim, size)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
@@ -253,7 +265,9 @@ def gather_from_region(
 
     The gradient is assumed replicated (every rank computes the same loss from the
     gathered tensor), as for a column-parallel layer whose output is gathered. ``size``
-    is the global length of ``dim`` when pieces may be uneven (``torch.chunk`` layout).
+    is the global length of ``dim`` when pieces may be uneven (``torch.chunk`` layout);
+    without it, CPU tensors go through :func:`shardwise.sized_gather.gather_sized`, which
+    learns the lengths in the same collective and raises on every rank if they do not fit.
 
     Example::
 

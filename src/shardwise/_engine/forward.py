@@ -7,9 +7,7 @@ head-sliced projections) is a :class:`ParallelForward` bound to the module as it
 * ``group``: the TP process group it communicates over;
 * ``input_layout``: how a plain input must be laid out across the group (``None``: not
   declared, e.g. a user's own seed-style function decides);
-* ``output_layout``: the layout the caller receives (``None``: not declared);
-* ``uneven_input_ok``: whether a ``Shard`` input may be split unevenly (torch.chunk
-  sizes), as a row-parallel Linear's features may; one it gathers must split evenly.
+* ``output_layout``: the layout the caller receives (``None``: not declared).
 
 :func:`installed_forward` finds it on a module; :func:`check_not_parallelized` is the one
 "already parallelized" check every style's ``check`` runs.
@@ -39,7 +37,6 @@ class ParallelForward:
     group: ProcessGroup
     input_layout: Placement | None = None
     output_layout: Placement | None = None
-    uneven_input_ok: bool = False
 
     def __call__(self, module: Any, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError

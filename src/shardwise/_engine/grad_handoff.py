@@ -19,13 +19,12 @@ PyTorch leaves them, and the caller's ``zero_grad()`` clears them.
 
 Example::
 
-    >>> local.register_post_accumulate_grad_hook(HANDOFF.hook(weakref.ref(param), None))
+    >>> local.register_post_accumulate_grad_hook(HANDOFF.hook(None))
 """
 
 from __future__ import annotations
 
 import functools
-import weakref
 from typing import Any
 
 import torch
@@ -37,7 +36,10 @@ from .torch_compat import current_graph_task_id, dtensor_like, queue_engine_call
 
 __all__ = ["HANDOFF", "GradHandoff", "hand_off"]
 
-_Entry = tuple[torch.Tensor, "weakref.ref[nn.Parameter]", "ProcessGroup | None"]
+_Entry = tuple[torch.Tensor, "ProcessGroup | None"]
+
+#: The attribute of a local leaf that holds its DTensor parameter (set by ``local_params``).
+_OWNER = "_shardwise_owner"
 
 
 
@@ -69,10 +71,13 @@ def hand_off(
         owner_grad._local_tensor.add_(grad)  # type: ignore[attr-defined]
 
 
-def _hand_off_now(
-    owner_ref: weakref.ref[nn.Parameter], group: ProcessGroup | None, local: torch.Tensor
-) -> None:
-    hand_off(local, owner_ref(), group)
+def _owner(local: torch.Tensor) -> nn.Parameter | None:
+    owner: nn.Parameter | None = getattr(local, _OWNER, None)
+    return owner
+
+
+def _hand_off_now(group: ProcessGroup | None, local: torch.Tensor) -> None:
+    hand_off(local, _owner(local), group)
 
 
 class _EndOfPass:
@@ -99,7 +104,7 @@ class GradHandoff:
 
     Example::
 
-        >>> hook = HANDOFF.hook(weakref.ref(param), None)   # one per leaf
+        >>> hook = HANDOFF.hook(None)   # one per leaf
     """
 
     __slots__ = ("current", "pending", "task")
@@ -110,7 +115,7 @@ class GradHandoff:
         self.current: list[_Entry] = []
 
     def hook(
-        self, owner_ref: weakref.ref[nn.Parameter], group: ProcessGroup | None, *, at_once: bool = False
+        self, group: ProcessGroup | None, *, at_once: bool = False
     ) -> Any:
         """The post-accumulate-grad hook for one leaf: a closure that only records it.
 
@@ -119,16 +124,16 @@ class GradHandoff:
         """
         task_id = current_graph_task_id
         if at_once or task_id is None:
-            return functools.partial(_hand_off_now, owner_ref, group)
+            return functools.partial(_hand_off_now, group)
 
         def record(local: torch.Tensor) -> None:
             task = task_id()
             if task == self.task:
-                self.current.append((local, owner_ref, group))
+                self.current.append((local, group))
             elif task < 0:  # not inside the engine (no pass to wait for)
-                hand_off(local, owner_ref(), group)
+                hand_off(local, _owner(local), group)
             else:
-                self._entries_of(task).append((local, owner_ref, group))
+                self._entries_of(task).append((local, group))
 
         return record
 
@@ -145,8 +150,8 @@ class GradHandoff:
         entries = self.pending.pop(task, [])
         if self.task == task:
             self.task, self.current = None, []
-        for local, owner_ref, group in entries:
-            hand_off(local, owner_ref(), group, reduce=reduce)
+        for local, group in entries:
+            hand_off(local, _owner(local), group, reduce=reduce)
 
 
 #: The process's hand-off queue. It holds only leaves of backward passes under way,

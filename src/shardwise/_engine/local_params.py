@@ -20,19 +20,15 @@ Example::
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, distribute_tensor
 
-from .grad_handoff import HANDOFF
+from .grad_handoff import _OWNER, HANDOFF
 
 __all__ = ["distribute_parameter", "install_local_leaf", "local_param"]
-
-_OWNER = "_shardwise_owner"
 
 
 def install_local_leaf(
@@ -56,9 +52,12 @@ def install_local_leaf(
     """
     local: torch.Tensor = param._local_tensor  # type: ignore[attr-defined]
     local.requires_grad_(True)
-    owner_ref = weakref.ref(param)
-    setattr(local, _OWNER, owner_ref)
-    local.register_post_accumulate_grad_hook(HANDOFF.hook(owner_ref, sum_grads_over, at_once=at_once))
+    # A plain reference, not a weak one: ``torch.utils.swap_tensors`` (what ``module.to``,
+    # ``.double()`` and ``to_empty`` use on DTensor parameters) refuses a tensor that has
+    # weak references. The cycle param -> local -> param is one the garbage collector
+    # sees (both live in the tensors' Python state), and the hook finds the owner here.
+    setattr(local, _OWNER, param)
+    local.register_post_accumulate_grad_hook(HANDOFF.hook(sum_grads_over, at_once=at_once))
 
 
 def local_param(param: torch.Tensor | None) -> torch.Tensor | None:
@@ -74,7 +73,7 @@ def local_param(param: torch.Tensor | None) -> torch.Tensor | None:
         return param._local_tensor.detach()
     local = param._local_tensor
     owner = getattr(local, _OWNER, None)
-    if owner is not None and owner() is param and param.is_leaf:
+    if param.is_leaf and owner is param:
         return local
     if isinstance(param, torch.nn.Parameter) and param.is_leaf and owner is None:
         # A parameter swapped in by someone else (``module.to(...)``, or FSDP's unsharded

@@ -140,6 +140,10 @@ def _shared_entry(
     source = x._base
     if source is None:
         source = x
+    if source.is_inference():
+        # Inference tensors keep no version counter, so an in-place change could not be
+        # told from the tensor the entry was made for: no sharing, one collective per layer.
+        return C.copy_to_region(x, group) if make is None else make()
     key = (
         kind, id(source), source._version, x.storage_offset(), x.shape, x.stride(), x.dtype,
         id(group), dim, torch.is_grad_enabled(),
@@ -169,7 +173,6 @@ class ShardedLinearForward(ParallelForward):
         self.io = io
         self.input_layout = io.input_layout if io.input_fn is None else None
         self.output_layout = io.output_layout if io.output_fn is None else None
-        self.uneven_input_ok = role == "rowwise"  # computes on its feature slice as given
         # The global size of the sharded feature dimension.
         self.features = module.out_features if role == "colwise" else module.in_features
         plain = io.input_fn is None and io.output_fn is None and io.use_local_output
@@ -239,7 +242,16 @@ class ShardedLinearForward(ParallelForward):
             return fast[1], fast[3]
         w = local_param(weight)
         assert w is not None  # a Linear always has a weight
-        return w, local_param(bias)
+        b = local_param(bias)
+        if (
+            isinstance(weight, DTensor)
+            and w is weight._local_tensor
+            and (bias is None or (isinstance(bias, DTensor) and b is bias._local_tensor))
+        ):
+            # Adopted after a move (``module.to(...)`` swaps the local tensors): take the
+            # short cut again, and let go of the tensors installed before.
+            self._installed = (weight, w, bias, b)
+        return w, b
 
     def _colwise_input(self, x: Any) -> Any:
         io, group = self.io, self.group

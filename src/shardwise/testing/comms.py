@@ -37,7 +37,8 @@ def comm_counts(comm: CommDebugMode) -> dict[str, int]:
 
 
 def fwd_bwd_counts(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, int], dict[str, int]]:
-    """Collectives of one forward and of its backward (loss: sum of the local output).
+    """Collectives of one forward and of its backward (loss: sum of the local output),
+    measured on a second step.
 
     Example::
 
@@ -46,6 +47,13 @@ def fwd_bwd_counts(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, int], d
     """
     if x.is_floating_point():
         x = x.requires_grad_()
+    # One step first, uncounted: these are the counts of a step in steady state, after
+    # one-time set-up (a sized gather's first capacity agreement on gloo). A fresh copy of
+    # the input, so the counted step shares no cached entry with this one.
+    warm = x.detach().clone().requires_grad_(x.requires_grad)
+    out = model(warm)
+    (out.to_local() if isinstance(out, DTensor) else out).sum().backward()
+    del warm, out
     with CommDebugMode() as fwd:
         y = model(x)
     with CommDebugMode() as bwd:
