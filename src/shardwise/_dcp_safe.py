@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageInfo
-from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import ReadItem
 
 _METADATA_CLASSES = (
@@ -93,6 +93,33 @@ def read_metadata(path: Path) -> Metadata:
     return metadata
 
 
+def check_entries(directory: Path, metadata: Metadata) -> None:
+    """Read every non-tensor entry (an optimizer's ``lr``...) with ``weights_only=True``
+    before DCP reads anything, so a planted one raises, naming the entry, with the model
+    untouched. (:class:`SafeLoadPlanner` refuses them again during the read.)"""
+    for fqn, meta in metadata.state_dict_metadata.items():
+        if not isinstance(meta, BytesStorageMetadata):
+            continue
+        info = metadata.storage_data.get(MetadataIndex(fqn))
+        if info is None or getattr(info, "transform_descriptors", None):
+            continue  # not stored plainly: left to SafeLoadPlanner
+        with open(directory / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            raw = f.read(info.length)
+        _weights_only(fqn, io.BytesIO(raw))
+
+
+def _weights_only(fqn: str, value: io.BytesIO) -> Any:
+    try:
+        return torch.load(value, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any refusal is reported the same way
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RuntimeError(
+            f"refusing non-tensor entry '{fqn}': it does not load with "
+            f"weights_only=True ({first})"
+        ) from None
+
+
 def data_files(metadata: Metadata) -> set[str]:
     """The data files (``__0_0.distcp``...) that ``metadata`` reads from."""
     return {info.relative_path for info in metadata.storage_data.values()}
@@ -118,14 +145,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         fqn = read_item.dest_index.fqn
-        try:
-            obj = torch.load(value, weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any refusal is reported the same way
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RuntimeError(
-                f"refusing non-tensor entry '{fqn}': it does not load with "
-                f"weights_only=True ({first})"
-            ) from None
+        obj = _weights_only(fqn, value)
         if self.flatten_state_dict:
             from torch.distributed.checkpoint._traverse import set_element
 

@@ -302,7 +302,7 @@ def _open_checkpoint(
     verify: bool,
 ) -> _Found:
     """This rank's checks of the checkpoint at ``target``; raises on the first problem."""
-    from ._dcp_safe import data_files, read_metadata
+    from ._dcp_safe import check_entries, data_files, read_metadata
 
     rank, world = _rank(), _world()
     notes: list[str] = []
@@ -334,6 +334,7 @@ def _open_checkpoint(
     if unlisted:
         raise RuntimeError(f"{unlisted} are read by .metadata but missing from {MANIFEST}")
     _check_metadata(metadata, state, strict)
+    check_entries(directory, metadata)
     found = _Found(directory, metadata, (str(directory), manifest_digest), notes=notes)
     if (directory / _EXTRA_FILE).is_file():
         found.extra = dict(_load_weights_only(directory / _EXTRA_FILE, "extra"))
@@ -656,7 +657,7 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-_RAISED_AS_IS = (FileNotFoundError, RuntimeError, ValueError, TypeError)
+_RAISED_AS_IS = (FileNotFoundError, RuntimeError, TypeError)  # anything else: RuntimeError
 
 
 def _agree(what: str, problem: Exception | None, token: Any = None) -> list[Any]:
