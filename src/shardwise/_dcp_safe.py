@@ -25,6 +25,8 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageIn
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import ReadItem
 
+from ._integrity import refusal_reason
+
 _METADATA_CLASSES = (
     "BytesStorageMetadata",
     "ChunkStorageMetadata",
@@ -113,10 +115,9 @@ def _weights_only(fqn: str, value: io.BytesIO) -> Any:
     try:
         return torch.load(value, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any refusal is reported the same way
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RuntimeError(
             f"refusing non-tensor entry '{fqn}': it does not load with "
-            f"weights_only=True ({first})"
+            f"weights_only=True ({refusal_reason(exc)})"
         ) from None
 
 

@@ -153,6 +153,17 @@ def read_manifest(directory: Path) -> tuple[dict[str, Any] | None, str]:
     return body, f"{zlib.crc32(raw):08x}"
 
 
+def refusal_reason(exc: BaseException) -> str:
+    """The informative line of a ``torch.load(weights_only=True)`` refusal (which global it
+    met), without torch's boilerplate about re-running with ``weights_only=False``."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    boilerplate = ("Check the documentation", "(1)", "(2)", "Weights only load failed")
+    for line in lines:
+        if not line.startswith(boilerplate):
+            return line
+    return lines[0] if lines else type(exc).__name__
+
+
 # -- single files ----------------------------------------------------------------------
 
 

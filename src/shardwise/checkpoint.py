@@ -65,6 +65,7 @@ from ._integrity import (
     check_zip,
     digest_files,
     read_manifest,
+    refusal_reason,
     safetensors_checksums,
     write_manifest,
 )
@@ -364,9 +365,8 @@ def _load_weights_only(path: Path, what: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any refusal is reported the same way
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RuntimeError(
-            f"refusing '{path}' ({what}): it does not load with weights_only=True ({first})"
+            f"refusing '{path}' ({what}): it does not load with weights_only=True ({refusal_reason(exc)})"
         ) from None
 
 

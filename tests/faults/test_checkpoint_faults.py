@@ -125,7 +125,13 @@ def _hostile(directory: str) -> dict:
     good = root / "good"
     save_checkpoint(good, model, opt, extra={"step": 1})
     before = _probe(model)
-    markers = {k: str(root / f"ran-{k}") for k in ("meta", "lr", "extra", "pt", "control")}
+    markers = {
+        k: str(root / f"ran-{k}") for k in ("meta", "lr", "extra", "pt", "save-extra", "control")
+    }
+    # An ``extra`` that would not load weights-only is refused when saving, not later.
+    save_error = expect_raises(
+        RuntimeError, save_checkpoint, root / "bad-extra", model, extra={"x": Planted(markers["save-extra"])}
+    )
 
     # .metadata replaced by a planted pickle; the manifest re-signed to match.
     meta = root / "meta"
@@ -178,6 +184,7 @@ def _hostile(directory: str) -> dict:
             RuntimeError, load_checkpoint, lr, fresh, fresh_opt
         )
     ran = {k: os.path.exists(v) for k, v in markers.items() if k != "control"}
+    bad_extra_gone = not any("bad-extra" in name for name in os.listdir(root))
     pg_ok = _pg_works()
 
     # Control: stock DCP does run the planted lr (so the refusal above is what stopped it).
@@ -192,10 +199,12 @@ def _hostile(directory: str) -> dict:
     control_ran = os.path.exists(markers["control"])
 
     load_checkpoint(good, fresh, fresh_opt)  # and a good checkpoint still loads
+    errors["save extra"] = save_error
     return {
         "errors": errors,
         "ran": ran,
         "control_ran": control_ran,
+        "bad_extra_gone": bad_extra_gone,
         "unchanged": unchanged,
         "pg_ok": pg_ok,
         "good_loads": torch.equal(_probe(fresh), before),
@@ -210,18 +219,25 @@ def test_hostile_files_run_no_code(pools, tmp_path):
         "escape": r"refusing to read .*: it points at '\.\./good/__0_0\.distcp', not a file of",
         "extra": r"refusing '.*extra/extra\.pt' \(extra\): it does not load with weights_only",
         "lr": r"refusing non-tensor entry 'optim\.param_groups\.0\.lr': it does not load with "
-        r"weights_only=True",
+        r"weights_only=True \(.*GLOBAL os\.makedirs",
         "pt": r"refusing '.*model\.pt' \(a full state dict\): it does not load with weights_only",
+        "save extra": r"refusing '.*bad-extra\.tmp/extra\.pt' \(extra\): it does not load with "
+        r"weights_only=True",
         "lr, during the read": r"failed on rank 0: RuntimeError: refusing non-tensor entry "
         r"'optim\.param_groups\.0\.lr'.*; rank 1: RuntimeError: refusing non-tensor entry",
     }
     for rank, got in enumerate(ranks):
         for case, pattern in expected.items():
             assert re.search(pattern, got["errors"][case]), (rank, case, got["errors"][case])
-        assert got["ran"] == {"meta": False, "lr": False, "extra": False, "pt": False}, rank
+        assert not any(got["ran"].values()), (rank, got["ran"])
+        assert got["bad_extra_gone"], rank
         assert got["control_ran"], "stock DCP did not run the planted lr: the probe is broken"
         assert got["unchanged"] and got["pg_ok"] and got["good_loads"], (rank, got)
-    assert ranks[0]["errors"] == ranks[1]["errors"]
+    # The same error on both ranks (a failed save reports rank 0's error on the others).
+    first, second = (dict(r["errors"]) for r in ranks)
+    relayed = f"rank 0 failed to write the checkpoint: RuntimeError: {first.pop('save extra')}"
+    assert second.pop("save extra") == relayed
+    assert first == second
 
 
 # -- (2) corruption is caught, naming the file ---------------------------------------------
@@ -312,6 +328,8 @@ def _partly_visible(directory: str) -> dict:
     _on_rank0(_copy, good, partial)
     _on_rank0(os.remove, partial / "__0_0.distcp")
     save_checkpoint(older, _model(seed=3))
+    pt = root / "model.pt"
+    save_full_state_dict(model, pt)
 
     fresh = _model(seed=1)
     untouched = _probe(fresh)
@@ -320,6 +338,9 @@ def _partly_visible(directory: str) -> dict:
         "absent": expect_raises(RuntimeError, load, good if rank == 0 else root / "nowhere", fresh),
         "missing file": expect_raises(RuntimeError, load, good if rank == 0 else partial, fresh),
         "different": expect_raises(RuntimeError, load, good if rank == 0 else older, fresh),
+        "full file": expect_raises(
+            RuntimeError, load_full_state_dict, fresh, pt if rank == 0 else root / "gone.pt"
+        ),
     }
     unchanged = torch.equal(_probe(fresh), untouched)
     pg_ok = _pg_works()
@@ -334,6 +355,8 @@ def test_checkpoint_visible_to_some_ranks_raises_on_all(pools, tmp_path):
         "missing file": r"failed on 1 of 2 ranks, so on all: rank 1: '__0_0\.distcp' is missing",
         "different": r"the ranks see different checkpoints: rank 0: '.*ckpt' \(manifest \w+\); "
         r"rank 1: '.*older' \(manifest \w+\)",
+        "full file": r"^load_full_state_dict failed on 1 of 2 ranks, so on all: rank 1: no file at "
+        r"'.*gone\.pt'\.$",
     }
     for rank, got in enumerate(ranks):
         for case, pattern in expected.items():
