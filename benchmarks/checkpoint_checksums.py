@@ -52,10 +52,14 @@ def _body(world: int, mb: int, directory: str, repeats: int) -> dict[str, float]
     model(torch.randn(2, 2048)).sum().backward()
     opt.step()
     path = Path(directory) / "ckpt"
-    out: dict[str, list[float]] = {k: [] for k in ("save", "save_hash", "load", "load_hash", "load_noverify")}
+    out: dict[str, list[float]] = {
+        k: [] for k in ("save", "save_hash", "load", "load_hash", "load_noverify")
+    }
     for _ in range(repeats):
         spent: list[float] = []
-        with mock.patch("shardwise.checkpoint.digest_files", _timed(_integrity.digest_files, spent)):
+        with mock.patch(
+            "shardwise.checkpoint.digest_files", _timed(_integrity.digest_files, spent)
+        ):
             dist.barrier()
             start = time.perf_counter()
             save_checkpoint(path, model, opt)
@@ -87,7 +91,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory, RankPool(args.world) as pool:
         ranks = pool.run(_body, args.world, args.mb, directory, args.repeats, timeout=1800)
     size = ranks[0]["bytes"] / 2**20
-    print(f"checkpoint: {size:.0f} MiB on disk (model + AdamW state), {args.world} ranks; best of {args.repeats}")
+    print(
+        f"checkpoint: {size:.0f} MiB on disk (model + AdamW state), {args.world} ranks; best of {args.repeats}"
+    )
     for rank, r in enumerate(ranks):
         print(
             f"rank {rank}: save {r['save']:.3f} s (hashing {r['save_hash']:.3f} s, "

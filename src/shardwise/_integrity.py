@@ -62,10 +62,14 @@ def _chunks(size: int) -> list[tuple[int, int]]:
 def digest_files(directory: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
     """``{name: {"size": bytes, "crc32": [one hex digest per 64 MiB chunk]}}`` for ``names``."""
     sizes = {name: (directory / name).stat().st_size for name in sorted(set(names))}
-    tasks = [(name, start, length) for name, size in sizes.items() for start, length in _chunks(size)]
+    tasks = [
+        (name, start, length) for name, size in sizes.items() for start, length in _chunks(size)
+    ]
     with ThreadPoolExecutor(_threads(len(tasks))) as pool:
         crcs = list(pool.map(lambda t: _crc_range(directory / t[0], t[1], t[2]), tasks))
-    out: dict[str, dict[str, Any]] = {name: {"size": size, "crc32": []} for name, size in sizes.items()}
+    out: dict[str, dict[str, Any]] = {
+        name: {"size": size, "crc32": []} for name, size in sizes.items()
+    }
     for (name, _, _), crc in zip(tasks, crcs):
         out[name]["crc32"].append(crc)
     return out
@@ -201,9 +205,7 @@ def check_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
         raise ValueError(f"'{path}': its checksum record does not list the tensors it holds")
     for name in sorted(tensors):
         if tensor_crc(tensors[name]) != recorded[name]:
-            raise ValueError(
-                f"'{path}': tensor '{name}' fails its checksum: the file is corrupt"
-            )
+            raise ValueError(f"'{path}': tensor '{name}' fails its checksum: the file is corrupt")
 
 
 def check_zip(path: Path) -> None:

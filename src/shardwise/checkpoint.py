@@ -223,8 +223,9 @@ def load_checkpoint(
     Keyword Args:
         strict: also reject model tensors in the checkpoint that ``model`` lacks.
         rng: restore each rank's random state saved with the checkpoint (default
-            generator, CUDA's, the model's tensor-parallel streams) when the world size
-            is the one it was saved at; otherwise a warning says it was not restored.
+            generator, CUDA's, the model's tensor-parallel streams), so training resumes
+            bit-exactly. Only at the world size it was saved at: a load at another size
+            (resharding) leaves the random state as it is.
         verify: check file contents against the checksum manifest (sizes are always
             checked).
 
@@ -253,7 +254,9 @@ def load_checkpoint(
         problem = exc
     seen = _agree(what, problem, None if found is None else found.token)
     if len(set(seen)) > 1:
-        views = "; ".join(f"rank {r}: '{d}' (manifest {m or 'none'})" for r, (d, m) in enumerate(seen))
+        views = "; ".join(
+            f"rank {r}: '{d}' (manifest {m or 'none'})" for r, (d, m) in enumerate(seen)
+        )
         raise RuntimeError(f"{what}: the ranks see different checkpoints: {views}.")
     assert found is not None
     for note in found.notes:
@@ -339,24 +342,21 @@ def _open_checkpoint(
     found = _Found(directory, metadata, (str(directory), manifest_digest), notes=notes)
     if (directory / _EXTRA_FILE).is_file():
         found.extra = dict(_load_weights_only(directory / _EXTRA_FILE, "extra"))
-    if rng and manifest is not None and manifest.get("rng"):
-        saved_world = manifest.get("world_size")
-        if saved_world != world:
+    # Random state resumes only at the world size it was saved at: a resharded run cannot
+    # repeat the old one's draws (nor its reductions) anyway, so nothing is said then.
+    saved_rng = manifest is not None and manifest.get("rng") and manifest["world_size"] == world
+    if rng and saved_rng:
+        saved = _load_weights_only(directory / _rng_file(rank), "random state")
+        streams = len(tp_streams(model))
+        if not isinstance(saved, dict) or len(saved.get("tp", ())) != streams:
             notes.append(
-                f"load_checkpoint: random state not restored: '{directory}' was saved by "
-                f"{saved_world} ranks, and this is {world} (pass rng=False to silence this)."
+                f"load_checkpoint: random state not restored: the checkpoint holds "
+                f"{len(saved.get('tp', ())) if isinstance(saved, dict) else 'no'} "
+                f"tensor-parallel stream(s) for rank {rank}, the model {streams} (a "
+                "different model or plan; pass rng=False to silence this)."
             )
         else:
-            saved = _load_weights_only(directory / _rng_file(rank), "random state")
-            streams = len(tp_streams(model))
-            if not isinstance(saved, dict) or len(saved.get("tp", ())) != streams:
-                notes.append(
-                    f"load_checkpoint: random state not restored: the checkpoint holds "
-                    f"{len(saved.get('tp', ())) if isinstance(saved, dict) else 'no'} "
-                    f"tensor-parallel stream(s) for rank {rank}, the model {streams}."
-                )
-            else:
-                found.rng = saved
+            found.rng = saved
     return found
 
 
@@ -688,7 +688,9 @@ def _agree(what: str, problem: Exception | None, token: Any = None) -> list[Any]
         f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {message}"
         for (_, message), rs in groups.items()
     )
-    scope = "every rank" if len(failed) == len(outcomes) else f"{len(failed)} of {len(outcomes)} ranks"
+    scope = (
+        "every rank" if len(failed) == len(outcomes) else f"{len(failed)} of {len(outcomes)} ranks"
+    )
     raise RuntimeError(f"{what} failed on {scope}, so on all: {parts}.") from problem
 
 
@@ -732,7 +734,13 @@ def _exchange(a: Path, b: Path) -> bool:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
         return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
     renameat2.restype = ctypes.c_int
     if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True

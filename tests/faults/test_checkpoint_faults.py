@@ -130,7 +130,11 @@ def _hostile(directory: str) -> dict:
     }
     # An ``extra`` that would not load weights-only is refused when saving, not later.
     save_error = expect_raises(
-        RuntimeError, save_checkpoint, root / "bad-extra", model, extra={"x": Planted(markers["save-extra"])}
+        RuntimeError,
+        save_checkpoint,
+        root / "bad-extra",
+        model,
+        extra={"x": Planted(markers["save-extra"])},
     )
 
     # .metadata replaced by a planted pickle; the manifest re-signed to match.
@@ -271,7 +275,10 @@ def _corrupt(directory: str) -> dict:
 
     fresh = _model(seed=1)
     untouched = _probe(fresh)
-    errors = {name: expect_raises(RuntimeError, load_checkpoint, path, fresh) for name, path in cases.items()}
+    errors = {
+        name: expect_raises(RuntimeError, load_checkpoint, path, fresh)
+        for name, path in cases.items()
+    }
     errors["pt"] = expect_raises(RuntimeError, load_full_state_dict, fresh, pt)
     errors["safetensors"] = expect_raises(RuntimeError, load_full_state_dict, fresh, st)
     unchanged = torch.equal(_probe(fresh), untouched)
@@ -281,7 +288,9 @@ def _corrupt(directory: str) -> dict:
     load_checkpoint(cases["distcp"], fresh, verify=False)
     distcp_silent = not torch.equal(_probe(fresh), before)
     stock_pt = torch.load(pt, weights_only=True)
-    pt_silent = not torch.equal(stock_pt["net1.weight"], torch.load(root / "model.pt")["net1.weight"])
+    pt_silent = not torch.equal(
+        stock_pt["net1.weight"], torch.load(root / "model.pt")["net1.weight"]
+    )
     load_checkpoint(good, fresh)
     return {
         "errors": errors,
@@ -310,7 +319,9 @@ def test_corrupt_files_raise_on_every_rank(pools, tmp_path):
         for case, pattern in expected.items():
             assert re.search(pattern, got["errors"][case]), (rank, case, got["errors"][case])
         assert got["unchanged"] and got["pg_ok"] and got["good_loads"], (rank, got)
-        assert got["controls"] == [True, True], "a flip did not change the data: the probe is broken"
+        assert got["controls"] == [True, True], (
+            "a flip did not change the data: the probe is broken"
+        )
     assert ranks[0]["errors"] == ranks[1]["errors"]
 
 
@@ -345,7 +356,12 @@ def _partly_visible(directory: str) -> dict:
     unchanged = torch.equal(_probe(fresh), untouched)
     pg_ok = _pg_works()
     load_checkpoint(good, fresh)
-    return {"errors": errors, "unchanged": unchanged, "pg_ok": pg_ok, "good_loads": torch.equal(_probe(fresh), before)}
+    return {
+        "errors": errors,
+        "unchanged": unchanged,
+        "pg_ok": pg_ok,
+        "good_loads": torch.equal(_probe(fresh), before),
+    }
 
 
 def test_checkpoint_visible_to_some_ranks_raises_on_all(pools, tmp_path):
