@@ -152,6 +152,9 @@ def read_manifest(directory: Path) -> tuple[dict[str, Any] | None, str]:
             raise ValueError("it fails its own checksum")
         if body.get("chunk_bytes") != CHUNK_BYTES or not isinstance(body.get("files"), dict):
             raise ValueError("unsupported layout")
+        for name in body["files"]:
+            if os.path.basename(name) != name or name in ("", ".", "..") or "\\" in name:
+                raise ValueError(f"it lists {name!r}, not a file of the checkpoint")
     except ValueError as exc:  # json.JSONDecodeError is a ValueError
         raise ValueError(f"'{MANIFEST}' is corrupt ({exc})") from None
     return body, f"{zlib.crc32(raw):08x}"
