@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import nn
 
 from shardwise import PairwiseParallel, SequenceParallel, parallelize_module
-from shardwise.random import TensorParallelRNG, manual_seed
+from shardwise.random import TensorParallelRNG, get_rng_state, manual_seed, set_rng_state
 from shardwise.testing import mesh_of
 
 
@@ -111,3 +111,25 @@ def _streams(world: int) -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_tp_rng(pools, world, body):
     pools(world).run(body, world)
+
+
+def _rng_state_roundtrip(world: int) -> None:
+    torch.manual_seed(0)
+    model = parallelize_module(DropMLP(), mesh_of(world), PairwiseParallel())
+    x = torch.randn(8, 16)
+    state = get_rng_state(model)
+    assert len(state["tp"]) == 1 and state["tp"][0]["tp_rank"] == dist.get_rank()
+    first = model(x)
+    assert not torch.equal(model(x), first)  # the streams advance
+    set_rng_state(model, state)
+    torch.testing.assert_close(model(x), first, rtol=0, atol=0)  # same masks again
+    # A state for another model (no sharded streams) is refused before anything changes.
+    plain_state = get_rng_state(nn.Linear(2, 2))
+    before = torch.get_rng_state()
+    with pytest.raises(ValueError, match=r"holds 0 tensor-parallel stream\(s\), the model 1"):
+        set_rng_state(model, plain_state)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_rng_state_roundtrip(pools):
+    pools(2).run(_rng_state_roundtrip, 2)

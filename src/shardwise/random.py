@@ -37,7 +37,13 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = ["TensorParallelRNG", "manual_seed", "shard_dropout"]
+__all__ = [
+    "TensorParallelRNG",
+    "get_rng_state",
+    "manual_seed",
+    "set_rng_state",
+    "shard_dropout",
+]
 
 SHARDED_OFFSET = 2718
 
@@ -71,6 +77,31 @@ class TensorParallelRNG:
 
     def __repr__(self) -> str:
         return f"TensorParallelRNG(seed={self.seed}, tp_rank={self.rank})"
+
+    def get_state(self) -> dict[str, Any]:
+        """This rank's stream position: ``{"seed", "tp_rank", "cpu", "cuda"}`` (tensors copied).
+
+        Example::
+
+            >>> state = rng.get_state(); ...; rng.set_state(state)   # replay the same draws
+        """
+        return {
+            "seed": self.seed,
+            "tp_rank": self.rank,
+            "cpu": self._cpu_state.clone(),
+            "cuda": None if self._cuda_state is None else self._cuda_state.clone(),
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Resume the stream from a :meth:`get_state` result.
+
+        Example::
+
+            >>> rng.set_state(saved)
+        """
+        self._cpu_state = state["cpu"].clone()
+        if state.get("cuda") is not None and self._cuda_state is not None:
+            self._cuda_state = state["cuda"].clone()
 
     @contextmanager
     def sharded(self) -> Iterator[None]:
@@ -126,3 +157,60 @@ def shard_dropout(module: nn.Module, rng: TensorParallelRNG) -> nn.Module:
     module._shardwise_rng = rng  # type: ignore[assignment]
     module.forward = types.MethodType(_sharded_dropout_forward, module)
     return module
+
+
+def tp_streams(model: nn.Module) -> list[TensorParallelRNG]:
+    """The distinct sharded streams ``model``'s modules draw from, in module order."""
+    seen: dict[int, TensorParallelRNG] = {}
+    for module in model.modules():
+        rng = getattr(module, "_shardwise_rng", None)
+        if isinstance(rng, TensorParallelRNG) and id(rng) not in seen:
+            seen[id(rng)] = rng
+    return list(seen.values())
+
+
+def _cuda_rng_in_use() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def get_rng_state(model: nn.Module) -> dict[str, Any]:
+    """This rank's random state for an exact resume: torch's default generator, CUDA's
+    (when CUDA is in use) and every sharded stream of ``model`` (:func:`tp_streams`).
+
+    The result holds only tensors, numbers and None, so it loads with
+    ``torch.load(weights_only=True)``. :func:`shardwise.checkpoint.save_checkpoint` saves
+    it per rank.
+
+    Example::
+
+        >>> state = get_rng_state(model)
+        >>> set_rng_state(model, state)   # the next dropout masks repeat
+    """
+    return {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if _cuda_rng_in_use() else None,
+        "tp": [rng.get_state() for rng in tp_streams(model)],
+    }
+
+
+def set_rng_state(model: nn.Module, state: dict[str, Any]) -> None:
+    """Restore a :func:`get_rng_state` result on this rank.
+
+    Raises ``ValueError`` when ``model`` has a different number of sharded streams than
+    the state holds (a different model or plan), before changing anything.
+
+    Example::
+
+        >>> set_rng_state(model, state)
+    """
+    streams = tp_streams(model)
+    if len(streams) != len(state["tp"]):
+        raise ValueError(
+            f"the RNG state holds {len(state['tp'])} tensor-parallel stream(s), the model "
+            f"{len(streams)}"
+        )
+    torch.set_rng_state(state["cpu"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    for rng, saved in zip(streams, state["tp"]):
+        rng.set_state(saved)
