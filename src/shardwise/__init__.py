@@ -32,11 +32,13 @@ from .style import (
     make_output_tensor,
     make_sharded_output_tensor,
 )
+from .verify import Divergence, VerifyResult, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ColwiseParallel",
+    "Divergence",
     "ModuleStyle",
     "PairwiseParallel",
     "ParallelStyle",
@@ -46,6 +48,7 @@ __all__ = [
     "RowwiseParallel",
     "SequenceParallel",
     "TensorParallelMultiheadAttention",
+    "VerifyResult",
     "clip_grad_norm_",
     "enable_2d_with_fsdp",
     "foreach_param_groups",
@@ -59,5 +62,6 @@ __all__ = [
     "make_output_tensor",
     "make_sharded_output_tensor",
     "parallelize_module",
+    "verify",
     "vocab_parallel_cross_entropy",
 ]
