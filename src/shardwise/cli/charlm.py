@@ -46,8 +46,10 @@ def encode(text: str) -> torch.Tensor:
         >>> encode("a\\n")
         tensor([66,  0])
     """
-    raw = torch.frombuffer(bytearray(text.encode("ascii", "ignore")), dtype=torch.uint8)
-    ids = _TABLE[raw.long()]
+    data = bytearray(text.encode("ascii", "ignore"))
+    if not data:
+        return torch.zeros(0, dtype=torch.long)
+    ids = _TABLE[torch.frombuffer(data, dtype=torch.uint8).long()]
     return ids[ids >= 0]
 
 
