@@ -26,8 +26,13 @@ SRC = Path(shardwise.__file__).resolve().parents[1]
 
 def _shardwise(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-m", "shardwise", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "shardwise", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def test_help_explains_every_command(capsys):
@@ -38,8 +43,19 @@ def test_help_explains_every_command(capsys):
     for name in SUBCOMMANDS:
         assert name in top
     phrases = {
-        "verify": ["package.module:function", "(model, plan, example_inputs)", "0 if they match, 1 if not"],
-        "train": ["--tp", "--steps", "--out", "metrics.jsonl", "standard library", "(default: 800)"],
+        "verify": [
+            "package.module:function",
+            "(model, plan, example_inputs)",
+            "0 if they match, 1 if not",
+        ],
+        "train": [
+            "--tp",
+            "--steps",
+            "--out",
+            "metrics.jsonl",
+            "standard library",
+            "(default: 800)",
+        ],
     }
     for name, wanted in phrases.items():
         with pytest.raises(SystemExit):
@@ -95,8 +111,23 @@ def test_verify_command_exits_0_on_a_good_plan_and_1_on_a_bad_one():
 def test_train_writes_metrics_and_plot_and_the_loss_falls(tmp_path):
     out = tmp_path / "run"
     # Smaller than the default model, so the test stays short; 60 steps as in the issue.
-    done = _shardwise("train", "--tp", "2", "--steps", "60", "--out", str(out), "--hidden", "64",
-                      "--seq", "64", "--batch", "8", "--sample", "40")
+    done = _shardwise(
+        "train",
+        "--tp",
+        "2",
+        "--steps",
+        "60",
+        "--out",
+        str(out),
+        "--hidden",
+        "64",
+        "--seq",
+        "64",
+        "--batch",
+        "8",
+        "--sample",
+        "40",
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 10, 20, 30, 40, 50, 59]

@@ -24,7 +24,9 @@ def _verify(name: str, steps: int, dtype: torch.dtype = torch.float32) -> shardw
     return shardwise.verify(model.to(dtype), plan, x.to(dtype), mesh=mesh_of(2), steps=steps)
 
 
-def _both(pools, name: str, steps: int = 2, dtype: torch.dtype = torch.float32) -> shardwise.VerifyResult:
+def _both(
+    pools, name: str, steps: int = 2, dtype: torch.dtype = torch.float32
+) -> shardwise.VerifyResult:
     results = pools(2).run(_verify, name, steps, dtype)
     assert results[0] == results[1], "ranks returned different results"
     return results[0]

@@ -77,7 +77,14 @@ class Block(nn.Module):
 
 def plan() -> dict[str, Any]:
     col, row = ColwiseParallel(), RowwiseParallel()
-    return {"attn.q": col, "attn.k": col, "attn.v": col, "attn.o": row, "mlp.fc1": col, "mlp.fc2": row}
+    return {
+        "attn.q": col,
+        "attn.k": col,
+        "attn.v": col,
+        "attn.o": row,
+        "mlp.fc1": col,
+        "mlp.fc2": row,
+    }
 
 
 def inputs() -> torch.Tensor:

@@ -67,7 +67,9 @@ def _param_pieces(model: nn.Module, grads: bool) -> dict[str, Piece]:
     return out
 
 
-def _full_output(out: torch.Tensor, layout: Placement | None, size: torch.Size, group: Any) -> torch.Tensor:
+def _full_output(
+    out: torch.Tensor, layout: Placement | None, size: torch.Size, group: Any
+) -> torch.Tensor:
     """The global root output, differentiably, from this rank's piece."""
     if isinstance(out, DTensor):
         return out.full_tensor()
@@ -111,7 +113,9 @@ class _Group:
                 verdict = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         status, value = self.broadcast(verdict)
         if status == "error":
-            raise RuntimeError(f"verify: the single-device reference failed on the first rank: {value}")
+            raise RuntimeError(
+                f"verify: the single-device reference failed on the first rank: {value}"
+            )
         return value
 
 
@@ -143,8 +147,14 @@ class _Run:
     loss_fn: Callable[[torch.Tensor], torch.Tensor] | None
 
     def __post_init__(self) -> None:
-        self.opt_tp = torch.optim.SGD(foreach_param_groups(self.tp.parameters()), lr=0.05, momentum=0.9)
-        self.opt_ref = None if self.ref is None else torch.optim.SGD(self.ref.parameters(), lr=0.05, momentum=0.9)
+        self.opt_tp = torch.optim.SGD(
+            foreach_param_groups(self.tp.parameters()), lr=0.05, momentum=0.9
+        )
+        self.opt_ref = (
+            None
+            if self.ref is None
+            else torch.optim.SGD(self.ref.parameters(), lr=0.05, momentum=0.9)
+        )
         self.rec_ref: Recorder | None = None
         self.out_ref: torch.Tensor | None = None
 
@@ -157,7 +167,9 @@ class _Run:
         if found is not None:
             return found
         if out_tp is None or not out_tp.is_floating_point():
-            raise TypeError("verify needs a model whose output (or its first tensor) is floating point")
+            raise TypeError(
+                "verify needs a model whose output (or its first tensor) is floating point"
+            )
         loss(_full_output(out_tp, root, shape, self.g.group)).backward()
         grads = ({r.key: r for r in rec_tp.backward}, _param_pieces(self.tp, grads=True))
         found = self.g.decide(grads, self._backward, loss)
@@ -168,7 +180,9 @@ class _Run:
         return self.g.decide(_param_pieces(self.tp, grads=False), self._params)
 
     # The reference's side of each phase, on the first rank, given every rank's records.
-    def _forward(self, ranks: list[Any], step: int) -> tuple[Divergence | None, Placement | None, Any]:
+    def _forward(
+        self, ranks: list[Any], step: int
+    ) -> tuple[Divergence | None, Placement | None, Any]:
         assert self.ref is not None and self.judge is not None
         self.judge.step = step
         with Recorder(self.ref, param_order=True) as self.rec_ref:
@@ -176,12 +190,16 @@ class _Run:
         found, root = self.judge.forward(self.rec_ref.forward, ranks)
         return found, root, None if self.out_ref is None else self.out_ref.shape
 
-    def _backward(self, ranks: list[Any], loss: Callable[[torch.Tensor], torch.Tensor]) -> Divergence | None:
+    def _backward(
+        self, ranks: list[Any], loss: Callable[[torch.Tensor], torch.Tensor]
+    ) -> Divergence | None:
         assert self.ref is not None and self.judge is not None and self.rec_ref is not None
         assert self.out_ref is not None
         loss(self.out_ref).backward()
         ref_grads = {n: p.grad for n, p in self.ref.named_parameters()}
-        return self.judge.backward(self.rec_ref.backward, ref_grads, [r[0] for r in ranks], [r[1] for r in ranks])
+        return self.judge.backward(
+            self.rec_ref.backward, ref_grads, [r[0] for r in ranks], [r[1] for r in ranks]
+        )
 
     def _params(self, ranks: list[Any]) -> Divergence | None:
         assert self.ref is not None and self.judge is not None and self.opt_ref is not None
@@ -191,11 +209,19 @@ class _Run:
 
 
 def _verify_in_job(
-    build: Callable[[], nn.Module], plan: Plan, example_inputs: Any, mesh: DeviceMesh, steps: int,
-    atol: float | None, rtol: float | None, loss_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+    build: Callable[[], nn.Module],
+    plan: Plan,
+    example_inputs: Any,
+    mesh: DeviceMesh,
+    steps: int,
+    atol: float | None,
+    rtol: float | None,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor] | None,
 ) -> VerifyResult:
     if mesh.ndim != 1:
-        raise ValueError(f"verify expects the 1-D tensor-parallel mesh (e.g. mesh['tp']), got {mesh.ndim} dims.")
+        raise ValueError(
+            f"verify expects the 1-D tensor-parallel mesh (e.g. mesh['tp']), got {mesh.ndim} dims."
+        )
     g = _Group(mesh)
     torch.manual_seed(0)
     tp = build()
@@ -224,19 +250,30 @@ def _builder(model: ModelOrFactory) -> Callable[[], nn.Module]:
     if isinstance(model, nn.Module):
         return lambda: copy.deepcopy(model)
     if not callable(model):
-        raise TypeError(f"verify: model must be an nn.Module or a zero-argument callable, got {type(model).__name__}")
+        raise TypeError(
+            f"verify: model must be an nn.Module or a zero-argument callable, got {type(model).__name__}"
+        )
 
     def build() -> nn.Module:
         built = model()
         if not isinstance(built, nn.Module):
-            raise TypeError(f"verify: the model factory returned {type(built).__name__}, not an nn.Module")
+            raise TypeError(
+                f"verify: the model factory returned {type(built).__name__}, not an nn.Module"
+            )
         return built
 
     return build
 
 
-def _on_rank(model: ModelOrFactory, plan: Plan, example_inputs: Any, steps: int,
-             atol: float | None, rtol: float | None, loss_fn: Any) -> VerifyResult:
+def _on_rank(
+    model: ModelOrFactory,
+    plan: Plan,
+    example_inputs: Any,
+    steps: int,
+    atol: float | None,
+    rtol: float | None,
+    loss_fn: Any,
+) -> VerifyResult:
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     return _verify_in_job(_builder(model), plan, example_inputs, mesh, steps, atol, rtol, loss_fn)
 
@@ -297,9 +334,13 @@ def verify(
     if steps < 1:
         raise ValueError(f"verify: steps must be at least 1, got {steps}")
     if mesh is not None:
-        return _verify_in_job(_builder(model), plan, example_inputs, mesh, steps, atol, rtol, loss_fn)
+        return _verify_in_job(
+            _builder(model), plan, example_inputs, mesh, steps, atol, rtol, loss_fn
+        )
     if tp_size < 2:
-        raise ValueError(f"verify: tp_size must be at least 2 to compare against one device, got {tp_size}")
+        raise ValueError(
+            f"verify: tp_size must be at least 2 to compare against one device, got {tp_size}"
+        )
     payload = (model, plan, example_inputs, steps, atol, rtol, loss_fn)
     try:
         pickle.dumps(payload)

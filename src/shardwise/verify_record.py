@@ -28,7 +28,18 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
-__all__ = ["Key", "Piece", "Record", "Recorder", "assemble", "compare", "first_tensor", "piece", "scale_of", "tolerances"]
+__all__ = [
+    "Key",
+    "Piece",
+    "Record",
+    "Recorder",
+    "assemble",
+    "compare",
+    "first_tensor",
+    "piece",
+    "scale_of",
+    "tolerances",
+]
 
 Key = tuple[str, str, int]  # (kind, module or parameter FQN, call number within the pass)
 
@@ -60,7 +71,9 @@ def first_tensor(obj: Any) -> torch.Tensor | None:
     """
     if isinstance(obj, torch.Tensor):
         return obj
-    items = obj.values() if isinstance(obj, Mapping) else obj if isinstance(obj, (tuple, list)) else ()
+    items = (
+        obj.values() if isinstance(obj, Mapping) else obj if isinstance(obj, (tuple, list)) else ()
+    )
     for item in items:
         found = first_tensor(item)
         if found is not None:
@@ -142,7 +155,9 @@ class Recorder:
             self.forward.append(Record(("input", fqn, n), piece(t, layout), self._caller()))
         self._stack.append(fqn)
 
-    def _post(self, fqn: str, layout: Placement | None, module: nn.Module, args: Any, out: Any) -> None:
+    def _post(
+        self, fqn: str, layout: Placement | None, module: nn.Module, args: Any, out: Any
+    ) -> None:
         self._stack.pop()
         n = self._calls[fqn]
         self._calls[fqn] += 1
@@ -207,7 +222,9 @@ def assemble(
     declared = {type(p.placement) for p in pieces}
     placement = pieces[0].placement if len(declared) == 1 else None
     shapes = [t.shape for t in tensors]
-    if placement is None or (isinstance(placement, Replicate) and any(s != ref_shape for s in shapes)):
+    if placement is None or (
+        isinstance(placement, Replicate) and any(s != ref_shape for s in shapes)
+    ):
         placement = _infer(shapes, ref_shape)
     if isinstance(placement, Shard):
         d = placement.dim % max(len(ref_shape), 1)

@@ -26,8 +26,12 @@ __all__ = ["Divergence", "Judge", "VerifyResult"]
 # largest magnitude among the tensors of its phase. Gradients get the larger floor: some
 # cancel to almost nothing (a key projection's bias: softmax ignores a constant shift of
 # the scores), and their rounding error is that of their terms, not of the result.
-FLOOR = {"module inputs and outputs": 0.01, "output gradients": 0.1, "gradients": 0.1,
-         "parameters after a step": 0.01}
+FLOOR = {
+    "module inputs and outputs": 0.01,
+    "output gradients": 0.1,
+    "gradients": 0.1,
+    "parameters after a step": 0.01,
+}
 
 Phase = Literal["forward", "backward", "step"]
 
@@ -142,7 +146,9 @@ class Judge:
             self.worst, self.worst_at = diff / tol, f"{what}, step {self.step}"
         return diff, tol, layout
 
-    def forward(self, ref: list[Record], tp: list[dict[Key, Record]]) -> tuple[Divergence | None, Placement | None]:
+    def forward(
+        self, ref: list[Record], tp: list[dict[Key, Record]]
+    ) -> tuple[Divergence | None, Placement | None]:
         """The first forward divergence, and the layout of the root output (for the loss)."""
         last_ok: Record | None = None
         layouts: dict[Key, tuple[Placement | None, list[Piece]]] = {}
@@ -152,7 +158,12 @@ class Judge:
             if any(rec.key not in rank for rank in tp) or rec.piece.tensor is None:
                 continue
             pieces = [rank[rec.key].piece for rank in tp]
-            diff, tol, layout = self.check("module inputs and outputs", f"{rec.key[0]} of {_label(rec.key[1])}", rec.piece.tensor, pieces)
+            diff, tol, layout = self.check(
+                "module inputs and outputs",
+                f"{rec.key[0]} of {_label(rec.key[1])}",
+                rec.piece.tensor,
+                pieces,
+            )
             layouts[rec.key] = (layout, pieces)
             if rec.key == ("output", "", 0):
                 root = layout
@@ -163,7 +174,12 @@ class Judge:
         return None, root
 
     def _forward_divergence(
-        self, rec: Record, last_ok: Record | None, diff: float, tol: float, pieces: list[Piece],
+        self,
+        rec: Record,
+        last_ok: Record | None,
+        diff: float,
+        tol: float,
+        pieces: list[Piece],
         layouts: dict[Key, tuple[Placement | None, list[Piece]]],
     ) -> Divergence:
         kind, fqn, n = rec.key
@@ -174,37 +190,56 @@ class Judge:
         layout, hint_pieces = layouts.get(rec.key, (None, pieces))
         if kind == "input":
             if last_ok is None:
-                text = (f"the inputs of {_label(fqn)} differ {size} before any module matched: "
-                        "verify feeds every rank the full single-device inputs")
+                text = (
+                    f"the inputs of {_label(fqn)} differ {size} before any module matched: "
+                    "verify feeds every rank the full single-device inputs"
+                )
             elif last_ok.key[0] == "output":
                 caller = rec.caller
                 where = ""
                 if caller is not None and caller == last_ok.caller:
                     where = f", in the forward of {_label(caller)} ({self.types.get(caller, '?')})"
-                text = (f"inputs of {_label(fqn)} already differ {size} although "
-                        f"{_label(last_ok.key[1])} matched: look at the code between them{where}")
+                text = (
+                    f"inputs of {_label(fqn)} already differ {size} although "
+                    f"{_label(last_ok.key[1])} matched: look at the code between them{where}"
+                )
             else:
-                text = (f"inputs of {_label(fqn)} already differ {size} although the inputs of "
-                        f"{_label(last_ok.key[1])} matched: look at the code in its forward "
-                        f"before it calls {_label(fqn)}")
+                text = (
+                    f"inputs of {_label(fqn)} already differ {size} although the inputs of "
+                    f"{_label(last_ok.key[1])} matched: look at the code in its forward "
+                    f"before it calls {_label(fqn)}"
+                )
         else:
             layout, hint_pieces = layouts.get(("input", fqn, n), (None, pieces))
             if last_ok is not None and last_ok.key[0] == "output" and last_ok.key[1] != fqn:
-                text = (f"the output of {_label(fqn)} differs {size} although its input and its "
-                        f"submodule {_label(last_ok.key[1])} matched: look at the code in its "
-                        f"forward after it calls {_label(last_ok.key[1])}")
+                text = (
+                    f"the output of {_label(fqn)} differs {size} although its input and its "
+                    f"submodule {_label(last_ok.key[1])} matched: look at the code in its "
+                    f"forward after it calls {_label(last_ok.key[1])}"
+                )
             else:
-                text = (f"the output of {_label(fqn)} differs {size} although its input matched: "
-                        f"look at {_label(fqn)} itself (its forward, or its plan entry)")
-        return Divergence(fqn, "forward", diff, text, self.step, kind, tol, _layout_hint(layout, hint_pieces))
+                text = (
+                    f"the output of {_label(fqn)} differs {size} although its input matched: "
+                    f"look at {_label(fqn)} itself (its forward, or its plan entry)"
+                )
+        return Divergence(
+            fqn, "forward", diff, text, self.step, kind, tol, _layout_hint(layout, hint_pieces)
+        )
 
     def backward(
-        self, ref_order: list[Record], ref_grads: dict[str, torch.Tensor | None],
-        tp: list[dict[Key, Record]], tp_grads: list[dict[str, Piece]],
+        self,
+        ref_order: list[Record],
+        ref_grads: dict[str, torch.Tensor | None],
+        tp: list[dict[Key, Record]],
+        tp_grads: list[dict[str, Piece]],
     ) -> Divergence | None:
         """The first divergence in the order autograd computed the reference's gradients."""
         seen = {r.key[1] for r in ref_order if r.key[0] == "gradient"}
-        order = ref_order + [Record(("gradient", name, 0), Piece(None, None)) for name in ref_grads if name not in seen]
+        order = ref_order + [
+            Record(("gradient", name, 0), Piece(None, None))
+            for name in ref_grads
+            if name not in seen
+        ]
         last_ok = "the loss"
         matched: set[str] = set()  # modules whose output gradient matched
         self.scale = scale_of(
@@ -218,9 +253,15 @@ class Judge:
                 pieces = [rank[name] for rank in tp_grads]
                 if ref is None:
                     if any(p.tensor is not None for p in pieces):
-                        return Divergence(_owner(name), "backward", float("inf"),
-                                          f"parameter '{name}' gets a gradient on the TP ranks but "
-                                          "none on one device", self.step, "gradient")
+                        return Divergence(
+                            _owner(name),
+                            "backward",
+                            float("inf"),
+                            f"parameter '{name}' gets a gradient on the TP ranks but "
+                            "none on one device",
+                            self.step,
+                            "gradient",
+                        )
                     continue
                 diff, tol, _ = self.check("gradients", f"gradient of '{name}'", ref, pieces)
                 if diff > tol:
@@ -232,35 +273,54 @@ class Judge:
             if rec.piece.tensor is None or any(rec.key not in rank for rank in tp):
                 continue
             pieces = [rank[rec.key].piece for rank in tp]
-            diff, tol, _ = self.check("output gradients", f"gradient at the output of {_label(name)}", rec.piece.tensor, pieces)
+            diff, tol, _ = self.check(
+                "output gradients",
+                f"gradient at the output of {_label(name)}",
+                rec.piece.tensor,
+                pieces,
+            )
             if diff > tol:
-                text = (f"the gradient arriving at the output of {_label(name)} differs (max |diff| "
-                        f"{diff:.3g} > tolerance {tol:.3g}) although {last_ok} matched: look at the "
-                        f"backward of the code that consumes the output of {_label(name)} (a custom "
-                        "autograd function, a detach, a collective without its backward)")
+                text = (
+                    f"the gradient arriving at the output of {_label(name)} differs (max |diff| "
+                    f"{diff:.3g} > tolerance {tol:.3g}) although {last_ok} matched: look at the "
+                    f"backward of the code that consumes the output of {_label(name)} (a custom "
+                    "autograd function, a detach, a collective without its backward)"
+                )
                 return Divergence(name, "backward", diff, text, self.step, kind, tol)
             last_ok = f"the gradient arriving at the output of {_label(name)}"
             matched.add(name)
         return None
 
     def _grad_divergence(
-        self, name: str, ref: torch.Tensor, pieces: list[Piece], diff: float, tol: float, last_ok: str
+        self,
+        name: str,
+        ref: torch.Tensor,
+        pieces: list[Piece],
+        diff: float,
+        tol: float,
+        last_ok: str,
     ) -> Divergence:
         owner = _owner(name)
-        text = (f"the gradient of parameter '{name}' (in {_label(owner)}) differs (max |diff| "
-                f"{diff:.3g} > tolerance {tol:.3g}) although {last_ok} matched")
+        text = (
+            f"the gradient of parameter '{name}' (in {_label(owner)}) differs (max |diff| "
+            f"{diff:.3g} > tolerance {tol:.3g}) although {last_ok} matched"
+        )
         hint = ""
         plain = all(p.placement is None or isinstance(p.placement, Replicate) for p in pieces)
         tensors = [p.tensor for p in pieces if p.tensor is not None]
         if plain and len(tensors) == len(pieces) and all(t.shape == ref.shape for t in tensors):
             total, _, _ = compare(ref, [("sum", torch.stack(tensors).sum(0))], 0.0, 0.0)
             if total <= tol:
-                text += (": it is a plain (replicated) tensor on the TP ranks and each rank holds "
-                         "only its share of the gradient (the ranks' gradients sum to the "
-                         "single-device one)")
-                hint = (f"'{name}' is applied to a sharded activation, so its gradient needs a sum "
-                        "over the TP group: give it a placement in the plan (shard it with the "
-                        "activation), or all-reduce its gradient before the optimizer step.")
+                text += (
+                    ": it is a plain (replicated) tensor on the TP ranks and each rank holds "
+                    "only its share of the gradient (the ranks' gradients sum to the "
+                    "single-device one)"
+                )
+                hint = (
+                    f"'{name}' is applied to a sharded activation, so its gradient needs a sum "
+                    "over the TP group: give it a placement in the plan (shard it with the "
+                    "activation), or all-reduce its gradient before the optimizer step."
+                )
         if not hint:
             text += f": look at how {_label(owner)} uses '{name}' (its forward, or its plan entry)"
         return Divergence(owner, "backward", diff, text, self.step, "gradient", tol, hint)
@@ -269,11 +329,15 @@ class Judge:
         """The first parameter that differs after the optimizer step."""
         self.scale = scale_of(list(ref.values()))
         for name, value in ref.items():
-            diff, tol, _ = self.check("parameters after a step", f"parameter '{name}'", value, [rank[name] for rank in tp])
+            diff, tol, _ = self.check(
+                "parameters after a step", f"parameter '{name}'", value, [rank[name] for rank in tp]
+            )
             if diff > tol:
-                text = (f"parameter '{name}' differs after optimizer step {self.step + 1} (max |diff| "
-                        f"{diff:.3g} > tolerance {tol:.3g}) although its gradient matched: look at "
-                        "what runs between backward and the step (clipping, hooks, an optimizer "
-                        "that treats it differently)")
+                text = (
+                    f"parameter '{name}' differs after optimizer step {self.step + 1} (max |diff| "
+                    f"{diff:.3g} > tolerance {tol:.3g}) although its gradient matched: look at "
+                    "what runs between backward and the step (clipping, hooks, an optimizer "
+                    "that treats it differently)"
+                )
                 return Divergence(_owner(name), "step", diff, text, self.step, "parameter", tol)
         return None

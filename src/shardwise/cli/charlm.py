@@ -58,7 +58,9 @@ def decode(ids: torch.Tensor | list[int]) -> str:
     return "".join(VOCAB[int(i)] for i in ids)
 
 
-def stdlib_corpus(max_chars: int = 2_000_000, root: str | Path | None = None) -> tuple[torch.Tensor, str]:
+def stdlib_corpus(
+    max_chars: int = 2_000_000, root: str | Path | None = None
+) -> tuple[torch.Tensor, str]:
     """Token ids of the standard library's top-level ``*.py`` files, in name order.
 
     ``root`` overrides the folder (or names a single text file). Returns the ids and a
@@ -93,7 +95,9 @@ def stdlib_corpus(max_chars: int = 2_000_000, root: str | Path | None = None) ->
 class CharLM(nn.Module):
     """Token and position embeddings, ``layers`` GPT blocks, final LayerNorm, vocabulary head."""
 
-    def __init__(self, dim: int, heads: int, layers: int, seq: int, vocab: int = len(VOCAB)) -> None:
+    def __init__(
+        self, dim: int, heads: int, layers: int, seq: int, vocab: int = len(VOCAB)
+    ) -> None:
         super().__init__()
         self.tok = nn.Embedding(vocab, dim)
         self.pos = nn.Embedding(seq, dim)
@@ -102,7 +106,11 @@ class CharLM(nn.Module):
         self.head = nn.Linear(dim, vocab, bias=False)
         for name, p in self.named_parameters():  # GPT-2's initialisation, residual outputs scaled
             if p.dim() == 2:
-                std = 0.02 / (2 * layers) ** 0.5 if name.endswith(("o.weight", "down.weight")) else 0.02
+                std = (
+                    0.02 / (2 * layers) ** 0.5
+                    if name.endswith(("o.weight", "down.weight"))
+                    else 0.02
+                )
                 nn.init.normal_(p, std=std)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)

@@ -62,5 +62,7 @@ def build(spec: str) -> tuple[Any, Any, Any]:
     """
     made = load_factory(spec)()
     if not isinstance(made, tuple) or len(made) != 3:
-        raise TypeError(f"{spec} must return (model, plan, example_inputs), got {type(made).__name__}")
+        raise TypeError(
+            f"{spec} must return (model, plan, example_inputs), got {type(made).__name__}"
+        )
     return made

@@ -45,9 +45,13 @@ def add_parser(commands: Any) -> None:
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and batches")
     p.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl lines")
-    p.add_argument("--sample", type=int, default=300, help="characters to generate at the end (0: none)")
+    p.add_argument(
+        "--sample", type=int, default=300, help="characters to generate at the end (0: none)"
+    )
     p.add_argument("--prompt", default="def ", help="start of the generated sample")
-    p.add_argument("--corpus", default=None, help="a text file or folder of .py files (default: the stdlib)")
+    p.add_argument(
+        "--corpus", default=None, help="a text file or folder of .py files (default: the stdlib)"
+    )
     p.set_defaults(func=run)
 
 
@@ -62,21 +66,29 @@ def run(args: argparse.Namespace) -> int:
     from torch.multiprocessing.spawn import ProcessRaisedException, start_processes
 
     problems = [
-        f"--{name} must be positive" for name in ("tp", "steps", "seq", "batch", "hidden", "heads", "layers")
+        f"--{name} must be positive"
+        for name in ("tp", "steps", "seq", "batch", "hidden", "heads", "layers")
         if getattr(args, name) < 1
     ]
     if not problems and args.hidden % args.heads:
         problems.append(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
     if not problems and args.heads % args.tp:
-        problems.append(f"--heads {args.heads} is not divisible by --tp {args.tp} (each rank takes whole heads)")
+        problems.append(
+            f"--heads {args.heads} is not divisible by --tp {args.tp} (each rank takes whole heads)"
+        )
     if problems:
         print("shardwise train: " + "; ".join(problems), file=sys.stderr)
         return 2
     config = dict(vars(args))
     config.pop("func", None)
     try:
-        start_processes(_rank_main, args=(args.tp, _free_port(), config), nprocs=args.tp,
-                           join=True, start_method="spawn")
+        start_processes(
+            _rank_main,
+            args=(args.tp, _free_port(), config),
+            nprocs=args.tp,
+            join=True,
+            start_method="spawn",
+        )
     except ProcessRaisedException as exc:
         print(f"shardwise train failed:\n{exc}", file=sys.stderr)
         return 1
@@ -84,8 +96,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, cfg: dict[str, Any]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     import torch
     import torch.distributed as dist
 
@@ -124,20 +141,34 @@ def _train(rank: int, world: int, cfg: dict[str, Any]) -> None:
     total = sum(p.numel() for p in single.parameters())
     model = shardwise.parallelize_module(single, mesh, plan())
     local = sum(getattr(p, "_local_tensor", p).numel() for p in model.parameters())
-    opt = torch.optim.AdamW(shardwise.foreach_param_groups(model.parameters()), lr=cfg["lr"],
-                            betas=(0.9, 0.95), weight_decay=0.01, foreach=True)
+    opt = torch.optim.AdamW(
+        shardwise.foreach_param_groups(model.parameters()),
+        lr=cfg["lr"],
+        betas=(0.9, 0.95),
+        weight_decay=0.01,
+        foreach=True,
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps))
     out = Path(cfg["out"])
     if lead:
         out.mkdir(parents=True, exist_ok=True)
-        print(f"shardwise train: TP={world} on {world} CPU processes (gloo); {cfg['layers']} blocks, "
-              f"hidden {cfg['hidden']}, {cfg['heads']} heads, {total / 1e6:.2f}M parameters "
-              f"({local / 1e6:.2f}M on each rank); batch {batch} x {seq} characters; "
-              f"corpus: {source}", flush=True)
+        print(
+            f"shardwise train: TP={world} on {world} CPU processes (gloo); {cfg['layers']} blocks, "
+            f"hidden {cfg['hidden']}, {cfg['heads']} heads, {total / 1e6:.2f}M parameters "
+            f"({local / 1e6:.2f}M on each rank); batch {batch} x {seq} characters; "
+            f"corpus: {source}",
+            flush=True,
+        )
     batches = torch.Generator().manual_seed(cfg["seed"] + 1)  # the same batches on every rank
     history: list[dict[str, float]] = []
-    bar = tqdm(range(steps), disable=not lead, unit="step", dynamic_ncols=True, mininterval=0.5,
-               file=sys.stdout)
+    bar = tqdm(
+        range(steps),
+        disable=not lead,
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=0.5,
+        file=sys.stdout,
+    )
     start = window = time.perf_counter()
     window_tokens = 0
     with open(out / "metrics.jsonl", "w") if lead else open(os.devnull, "w") as log:
@@ -156,8 +187,13 @@ def _train(rank: int, world: int, cfg: dict[str, Any]) -> None:
             now = time.perf_counter()
             if step % cfg["log_every"] == 0 or step == steps - 1:
                 rate = window_tokens / max(now - window, 1e-9)
-                row = {"step": step, "loss": round(value, 5), "tokens_per_s": round(rate, 1),
-                       "lr": sched.get_last_lr()[0], "elapsed_s": round(now - start, 2)}
+                row = {
+                    "step": step,
+                    "loss": round(value, 5),
+                    "tokens_per_s": round(rate, 1),
+                    "lr": sched.get_last_lr()[0],
+                    "elapsed_s": round(now - start, 2),
+                }
                 history.append(row)
                 log.write(json.dumps(row) + "\n")
                 log.flush()
@@ -169,9 +205,11 @@ def _train(rank: int, world: int, cfg: dict[str, Any]) -> None:
         _plot(history, out / "loss.png", f"shardwise train, TP={world}")
         first, last = history[0]["loss"], history[-1]["loss"]
         elapsed = time.perf_counter() - start
-        print(f"loss {first:.3f} -> {last:.3f} over {steps} steps ({1 - last / first:.0%} lower) in "
-              f"{elapsed:.0f} s, {steps * batch * seq / elapsed:,.0f} tokens/s; wrote "
-              f"{out / 'metrics.jsonl'} and {out / 'loss.png'}")
+        print(
+            f"loss {first:.3f} -> {last:.3f} over {steps} steps ({1 - last / first:.0%} lower) in "
+            f"{elapsed:.0f} s, {steps * batch * seq / elapsed:,.0f} tokens/s; wrote "
+            f"{out / 'metrics.jsonl'} and {out / 'loss.png'}"
+        )
         if sample:
             print(f"sample:\n{sample}", flush=True)
 

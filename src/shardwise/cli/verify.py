@@ -27,14 +27,23 @@ def add_parser(commands: Any) -> None:
         epilog="example: shardwise verify shardwise.cli.charlm:verify_case --tp 2",
     )
     parser.add_argument(
-        "model", metavar="MODEL",
+        "model",
+        metavar="MODEL",
         help="package.module:function or path/to/file.py:function; the function takes no "
         "arguments and returns (model, plan, example_inputs), the inputs for one device",
     )
-    parser.add_argument("--tp", type=int, default=2, help="tensor-parallel size: local ranks to start (default 2)")
-    parser.add_argument("--steps", type=int, default=2, help="optimizer steps to compare (default 2)")
-    parser.add_argument("--atol", type=float, default=None, help="absolute tolerance (default: from the dtype)")
-    parser.add_argument("--rtol", type=float, default=None, help="relative tolerance (default: from the dtype)")
+    parser.add_argument(
+        "--tp", type=int, default=2, help="tensor-parallel size: local ranks to start (default 2)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=2, help="optimizer steps to compare (default 2)"
+    )
+    parser.add_argument(
+        "--atol", type=float, default=None, help="absolute tolerance (default: from the dtype)"
+    )
+    parser.add_argument(
+        "--rtol", type=float, default=None, help="relative tolerance (default: from the dtype)"
+    )
     parser.set_defaults(func=run)
 
 
@@ -61,11 +70,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         build(args.model)  # fail here, in one process, if MODEL does not load
     except Exception as exc:  # noqa: BLE001 - reported as a usage error
-        print(f"shardwise verify: cannot load {args.model}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(
+            f"shardwise verify: cannot load {args.model}: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
         return 2
     try:
         with RankPool(args.tp) as pool:
-            result = pool.run(_on_rank, args.model, args.steps, args.atol, args.rtol, timeout=900.0)[0]
+            result = pool.run(
+                _on_rank, args.model, args.steps, args.atol, args.rtol, timeout=900.0
+            )[0]
     except RankError as exc:
         print(f"shardwise verify: {exc}", file=sys.stderr)
         return 2
