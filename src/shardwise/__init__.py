@@ -33,11 +33,13 @@ from .style import (
     make_output_tensor,
     make_sharded_output_tensor,
 )
+from .verify import Divergence, VerifyResult, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ColwiseParallel",
+    "Divergence",
     "ModuleStyle",
     "PairwiseParallel",
     "ParallelStyle",
@@ -47,6 +49,7 @@ __all__ = [
     "RowwiseParallel",
     "SequenceParallel",
     "TensorParallelMultiheadAttention",
+    "VerifyResult",
     "clip_grad_norm_",
     "enable_2d_with_fsdp",
     "expand_plan",
@@ -61,5 +64,6 @@ __all__ = [
     "make_output_tensor",
     "make_sharded_output_tensor",
     "parallelize_module",
+    "verify",
     "vocab_parallel_cross_entropy",
 ]
