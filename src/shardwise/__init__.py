@@ -8,7 +8,9 @@ Example::
     >>> model = shardwise.parallelize_module(model, mesh, shardwise.PairwiseParallel())
 """
 
+from . import hf as hf  # registers Hugging Face models with auto_plan
 from .api import parallelize_module
+from .auto import auto_plan, register_auto_plan
 from .clip_grad import clip_grad_norm_
 from .fsdp import enable_2d_with_fsdp
 from .loss import vocab_parallel_cross_entropy
@@ -46,6 +48,7 @@ __all__ = [
     "RowwiseParallel",
     "SequenceParallel",
     "TensorParallelMultiheadAttention",
+    "auto_plan",
     "clip_grad_norm_",
     "enable_2d_with_fsdp",
     "foreach_param_groups",
@@ -59,5 +62,6 @@ __all__ = [
     "make_output_tensor",
     "make_sharded_output_tensor",
     "parallelize_module",
+    "register_auto_plan",
     "vocab_parallel_cross_entropy",
 ]

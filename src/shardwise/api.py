@@ -25,6 +25,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Placement, Replicate
 
+from .auto import auto_plan
 from .mesh import default_mesh, tp_submesh
 from .multihead_attention_tp import (
     TensorParallelMultiheadAttention,
@@ -249,7 +250,7 @@ def parallelize_module(
         parallelize_plan: one :class:`ParallelStyle` for the whole module, or a dict
             from FQN (atoms may be globs such as ``"layers.*.mlp"``) to a style or a
             nested dict. A key that matches nothing is an error. ``"auto"`` applies
-            :func:`shardwise.hf.auto_plan` to a Hugging Face model.
+            :func:`shardwise.auto_plan` (e.g. to a Hugging Face model).
         tp_mesh_dim: the mesh dimension to shard over; must lie in ``[-ndim, ndim)``.
 
     Weights are taken from TP-mesh coordinate 0 and scattered; what other ranks held is
@@ -263,8 +264,6 @@ def parallelize_module(
     if isinstance(device_mesh, (ParallelStyle, Mapping, str)) and parallelize_plan is None:
         device_mesh, parallelize_plan = None, device_mesh
     if parallelize_plan == "auto":
-        from .hf import auto_plan  # imported here: hf.plans imports this module
-
         mesh = default_mesh() if device_mesh is None else device_mesh
         if not isinstance(mesh, DeviceMesh):
             raise TypeError(f"device_mesh must be a DeviceMesh, got {type(mesh).__name__}")
