@@ -120,7 +120,8 @@ class _Checkpoint:
         if runs is None:
             return piece[:]
         lead = (slice(None),) * dim
-        return torch.cat([piece[(*lead, slice(a, b))] for a, b in runs], dim=dim)
+        parts = [piece[(*lead, slice(a, b))] for a, b in runs or [(0, 0)]]  # [] = no rows
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def _runs(index: torch.Tensor) -> list[tuple[int, int]]:
