@@ -105,18 +105,22 @@ def _layout(model: Any) -> dict[str, Any]:
 def _load_body(world: int, path: str, kind: str, dtype: torch.dtype | None) -> dict[str, Any]:
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     read: list[int] = []
-    original = loading_module._Checkpoint.read
+    original = loading_module._Checkpoint.piece
 
     def counting(self: Any, *args: Any) -> torch.Tensor:
         t = original(self, *args)
         read.append(t.numel() * t.element_size())
         return t
 
-    loading_module._Checkpoint.read = counting  # type: ignore[method-assign]
+    loading_module._Checkpoint.piece = counting  # type: ignore[method-assign]
+    block = loading_module.READ_BLOCK
+    loading_module.READ_BLOCK = 1024  # read each shard in many pieces
     try:
         tp = from_pretrained(path, mesh_of(world), dtype=dtype)
     finally:
-        loading_module._Checkpoint.read = original  # type: ignore[method-assign]
+        loading_module._Checkpoint.piece = original  # type: ignore[method-assign]
+        loading_module.READ_BLOCK = block
+    assert len(read) > 2 * len(list(tp.parameters()))
     assert not tp.training
     dtypes = {p.dtype for p in tp.parameters()}
     assert dtypes == {dtype or torch.float32}, dtypes

@@ -50,6 +50,7 @@ __all__ = ["checkpoint_files", "from_pretrained"]
 log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
+READ_BLOCK = 16 * 2**20  # bytes read from a file at a time
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -114,14 +115,39 @@ class _Checkpoint:
     def dtype(self, key: str) -> str:
         return str(self._slice(key).get_dtype())
 
-    def read(self, key: str, runs: list[tuple[int, int]] | None, dim: int) -> torch.Tensor:
-        """The whole tensor (``runs=None``), or ``[start, stop)`` runs of ``dim`` joined."""
-        piece = self._slice(key)
+    def piece(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
+        """One rectangular piece of tensor ``key`` read from its file (a new tensor)."""
+        return self._slice(key)[index]
+
+    def read_into(
+        self, key: str, out: torch.Tensor, runs: list[tuple[int, int]] | None, dim: int
+    ) -> None:
+        """Fill ``out`` with tensor ``key`` (``runs=None``), or with the ``[start, stop)`` runs
+        of its dimension ``dim`` joined, casting to ``out``'s dtype.
+
+        At most about :data:`READ_BLOCK` bytes are read at a time (rows of dimension 0), so
+        loading float32 into bfloat16 never holds a float32 copy of a whole shard.
+        """
+        shape = self.shape(key)
+        if not shape:
+            out.copy_(self.piece(key, ()))
+            return
         if runs is None:
-            return piece[:]
-        lead = (slice(None),) * dim
-        parts = [piece[(*lead, slice(a, b))] for a, b in runs or [(0, 0)]]  # [] = no rows
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+            runs, dim = [(0, shape[0])], 0
+        row_bytes = max(1, out[0].numel() * 4) if out.numel() else 1  # as float32 at most
+        offset = 0
+        for start, stop in runs:
+            dst = out.narrow(dim, offset, stop - start)  # [..., stop - start, ...]
+            offset += stop - start
+            rows = dst.shape[0]
+            step = max(1, READ_BLOCK // row_bytes)
+            for r in range(0, rows, step):
+                n = min(step, rows - r)
+                index = [slice(None)] * len(shape)
+                index[dim] = slice(start, stop)
+                first = start if dim == 0 else 0
+                index[0] = slice(first + r, first + r + n)
+                dst.narrow(0, r, n).copy_(self.piece(key, tuple(index)))
 
 
 def _runs(index: torch.Tensor) -> list[tuple[int, int]]:
@@ -199,8 +225,9 @@ def _agree(problems: list[str], mesh: DeviceMesh, what: str) -> None:
         raise RuntimeError(f"{what}: " + "; ".join(problems) + ".")
 
 
-def _materialize(model: nn.Module, ckpt: _Checkpoint, prefix: str, dtype: torch.dtype) -> None:
-    """Replace every meta parameter by its loaded local shard; refill persistent buffers."""
+def _materialize(model: nn.Module, ckpt: _Checkpoint, prefix: str) -> None:
+    """Replace every meta parameter by its loaded local shard, in the dtype the model was
+    built with (transformers may keep some modules in float32); refill persistent buffers."""
     new: dict[int, nn.Parameter] = {}
     with torch.no_grad():
         for old, names in _holders(model).values():
@@ -208,10 +235,12 @@ def _materialize(model: nn.Module, ckpt: _Checkpoint, prefix: str, dtype: torch.
             assert key is not None  # checked by _problems
             if isinstance(old, DTensor):
                 runs, dim = _local_runs(old)
-                local = ckpt.read(key, runs, dim).to(dtype).contiguous()
+                local = torch.empty(old._local_tensor.shape, dtype=old.dtype)
+                ckpt.read_into(key, local, runs, dim)
                 new[id(old)] = with_local_tensor(old, local)
             else:
-                value = ckpt.read(key, None, 0).to(dtype)
+                value = torch.empty(old.shape, dtype=old.dtype)
+                ckpt.read_into(key, value, None, 0)
                 new[id(old)] = nn.Parameter(value, requires_grad=old.requires_grad)
         for module in model.modules():
             for name, param in module._parameters.items():
@@ -220,7 +249,7 @@ def _materialize(model: nn.Module, ckpt: _Checkpoint, prefix: str, dtype: torch.
         for name, buffer in model.named_buffers():
             key = _key_for([name], ckpt.files, prefix)
             if key is not None and buffer is not None:
-                buffer.copy_(ckpt.read(key, None, 0))
+                ckpt.read_into(key, buffer, None, 0)
 
 
 def _checkpoint_dtype(config: Any, ckpt: _Checkpoint) -> torch.dtype:
@@ -283,6 +312,7 @@ def from_pretrained(
         try:
             ckpt = _Checkpoint(checkpoint_files(root), stack)
         except (OSError, ValueError, KeyError) as exc:
+            # This rank's one _agree call (the others make theirs after their checks).
             _agree([f"{type(exc).__name__}: {exc}"], tp_mesh, f"from_pretrained('{root}')")
             raise  # not reached: _agree raises
         target = dtype if dtype is not None else _checkpoint_dtype(config, ckpt)
@@ -297,7 +327,7 @@ def from_pretrained(
         except Exception as exc:  # noqa: BLE001 - a broken file: reported on every rank
             problems = [f"{type(exc).__name__}: {exc}"]
         _agree(problems, tp_mesh, f"from_pretrained('{root}')")
-        _materialize(model, ckpt, prefix, target)
+        _materialize(model, ckpt, prefix)
         unused = set(ckpt.files) - {
             _key_for(names, ckpt.files, prefix) for _, names in _holders(model).values()
         } - {name for name, _ in model.named_buffers()}
