@@ -296,7 +296,7 @@ def _nested_and_custom_style(world: int) -> bool:
     out, _ = tpma(x, x, x)
     assert isinstance(out, DTensor) and out.placements == (Replicate(),)
     torch.testing.assert_close(full(out), out_ref)
-    return True
+    return [type(block.attn).__name__, type(tpma).__name__, list(out.placements), out.to_local().shape]
 
 
 def _errors_on_every_rank(world: int) -> list[str]:
@@ -378,7 +378,8 @@ def test_swap_equals_mha(pools, world, sequence):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_nested_swap_and_custom_style(pools, world):
-    assert all(pools(world).run(_nested_and_custom_style, world))
+    for got in pools(world).run(_nested_and_custom_style, world):
+        assert got == ["TensorParallelMultiheadAttention"] * 2 + [[Replicate()], (L, N, E)], got
 
 
 AR, AG, RS = "c10d.allreduce_", "c10d._allgather_base_", "c10d._reduce_scatter_base_"

@@ -33,27 +33,26 @@ def _block_counts(world: int, sp: bool, depth: int) -> tuple[dict, dict]:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_mlp_collective_counts(pools, world):
-    fwd, bwd = pools(world).run(_mlp_counts, world, False)[0]
-    assert fwd == {AR: 1} and bwd == {AR: 1}
-    fwd, bwd = pools(world).run(_mlp_counts, world, True)[0]
-    assert fwd == {AG: 1, RS: 1} and bwd == {AG: 1, RS: 1}
+    # Every rank runs the same collectives (a rank that skipped one would hang the rest).
+    assert pools(world).run(_mlp_counts, world, False) == [({AR: 1}, {AR: 1})] * world
+    assert pools(world).run(_mlp_counts, world, True) == [({AG: 1, RS: 1}, {AG: 1, RS: 1})] * world
 
 
 @pytest.mark.parametrize("depth", [1, 2])
 def test_gpt_block_collective_counts(pools, depth):
     # One all-reduce after attention and one after the MLP in forward; in backward one
     # for q/k/v together (they share their input) and one for the MLP's up projection.
-    fwd, bwd = pools(2).run(_block_counts, 2, False, depth)[0]
-    assert fwd == {AR: 2 * depth} and bwd == {AR: 2 * depth}
+    counts = pools(2).run(_block_counts, 2, False, depth)
+    assert counts == [({AR: 2 * depth}, {AR: 2 * depth})] * 2, counts
 
 
 @pytest.mark.parametrize("depth", [1, 2])
 def test_gpt_block_sequence_parallel_counts(pools, depth):
-    fwd, bwd = pools(2).run(_block_counts, 2, True, depth)[0]
-    assert fwd == {AG: 2 * depth, RS: 2 * depth}
     # Backward mirrors forward; the 4 all-reduces sum the LayerNorm weight/bias gradients
     # of the sequence-parallel norms (replicated weights, sequence-sharded activations).
-    assert bwd == {AG: 2 * depth, RS: 2 * depth, AR: 4 * depth}
+    fwd = {AG: 2 * depth, RS: 2 * depth}
+    bwd = {AG: 2 * depth, RS: 2 * depth, AR: 4 * depth}
+    assert pools(2).run(_block_counts, 2, True, depth) == [(fwd, bwd)] * 2
 
 
 def _gpt_parity(world: int, sp: bool) -> dict:

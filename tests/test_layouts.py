@@ -150,8 +150,10 @@ def test_seed_defaults_and_reexports():
     assert shardwise.ColwiseParallel()._prepare_output is shardwise.make_sharded_output_tensor
     assert shardwise.RowwiseParallel()._prepare_input is shardwise.make_input_shard_1d_last_dim
     assert shardwise.RowwiseParallel()._prepare_output is shardwise.make_output_tensor
-    p = shardwise.PairwiseParallel()
-    assert p._prepare_input is None and p._prepare_output is None
+    # The seed stores its defaults when given None (SEMANTICS.md, PairwiseParallel).
+    for p in (shardwise.PairwiseParallel(), shardwise.PairwiseParallel(None, None)):
+        assert p._prepare_input is shardwise.make_input_replicate_1d
+        assert p._prepare_output is shardwise.make_output_tensor
     sp = shardwise.SequenceParallel()
     assert isinstance(sp, shardwise.PairwiseParallel)
     assert sp._prepare_input is shardwise.make_input_reshard_replicate

@@ -12,6 +12,7 @@ from torch.distributed.tensor.debug import CommDebugMode
 
 from shardwise import ColwiseParallel, ModuleStyle, RowwiseParallel, parallelize_module
 from shardwise.testing import check_parity, expect_raises, mesh_of
+from shardwise.testing.tolerance import assert_close_at_scale, largest_magnitude, tolerance
 
 WORLDS = [1, 2, 4]
 
@@ -152,4 +153,6 @@ def test_tied_checkpoint_reshards(pools, tmp_path):
     saved = pools(2).run(_save_tied, 2, path)[0]
     for got in [*pools(1).run(_load_tied, 1, path), _load_tied(None, path)]:
         # Same logits after one more step: weights and AdamW state both came back.
-        torch.testing.assert_close(got, saved, atol=1e-5, rtol=1e-4)
+        # Three AdamW steps over the widest weight (the vocabulary) as the longest sum.
+        tol = tolerance(torch.float32, reduction=max(TiedLM().head.weight.shape), steps=3)
+        assert_close_at_scale(got, saved, tol=tol, scale=largest_magnitude([saved]), what="logits")

@@ -12,6 +12,7 @@ from . import hf as hf  # registers Hugging Face models with auto_plan
 from .api import parallelize_module
 from .auto import auto_plan, register_auto_plan
 from .clip_grad import clip_grad_norm_
+from .expand import expand_plan
 from .fsdp import enable_2d_with_fsdp
 from .loss import vocab_parallel_cross_entropy
 from .multihead_attention_tp import TensorParallelMultiheadAttention
@@ -51,6 +52,7 @@ __all__ = [
     "auto_plan",
     "clip_grad_norm_",
     "enable_2d_with_fsdp",
+    "expand_plan",
     "foreach_param_groups",
     "make_input_replicate_1d",
     "make_input_reshard_replicate",

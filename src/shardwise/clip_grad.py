@@ -33,6 +33,8 @@ from torch.distributed import ProcessGroup
 from torch.distributed.tensor import DTensor, Replicate
 from torch.nn.utils import get_total_norm
 
+from ._engine.torch_compat import foreach_mul_
+
 __all__ = ["clip_grad_norm_"]
 
 
@@ -82,7 +84,7 @@ def _scale_(grads: list[torch.Tensor], coef: torch.Tensor, foreach: bool | None)
             for g in group:
                 g.mul_(c)
         else:
-            torch._foreach_mul_(group, c)
+            foreach_mul_(group, c)
 
 
 def clip_grad_norm_(

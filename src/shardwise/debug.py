@@ -26,9 +26,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
-from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
+from torch.distributed.tensor import DTensor, Placement, Shard
 
-from .collectives import chunk_range
+from ._engine.collectives import chunk_range
+from ._engine.forward import installed_forward
 
 __all__ = ["LayoutCheck", "check_layouts"]
 
@@ -54,18 +55,10 @@ class _Declared:
 def _declared_inputs(model: nn.Module) -> Iterator[_Declared]:
     """Every parallelized module whose plain input has a declared layout."""
     for fqn, module in model.named_modules():
-        fwd = getattr(module.__dict__.get("forward"), "__func__", None)
-        if fwd is None:
+        fwd = installed_forward(module)
+        if fwd is None or fwd.input_layout is None or dist.get_world_size(fwd.group) == 1:
             continue
-        io, mesh = getattr(fwd, "io", None), getattr(fwd, "mesh", None)
-        if io is not None and mesh is not None:
-            if io.input_fn is None and io.input_layout is not None and mesh.size() > 1:
-                local = isinstance(module, nn.Linear) and getattr(fwd, "role", None) == "rowwise"
-                yield _Declared(fqn, module, io.input_layout, mesh.get_group(), local)
-        elif getattr(fwd, "role", None) == "colwise" and hasattr(fwd, "group"):
-            # HF Conv1D / head-sliced projections: a column-parallel input is replicated.
-            if dist.get_world_size(fwd.group) > 1:
-                yield _Declared(fqn, module, Replicate(), fwd.group)
+        yield _Declared(fqn, module, fwd.input_layout, fwd.group, fwd.uneven_input_ok)
 
 
 def _shape_code(x: torch.Tensor, free_dim: int | None) -> list[float]:

@@ -22,38 +22,17 @@ Example::
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import warnings
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from ._engine.torch_compat import check_fsdp_extension_machinery
 from .api import Plan, parallelize_module
 
 __all__ = ["enable_2d_with_fsdp", "parallelize_2d"]
 
 _WARNING = "2D parallelism won't work with FSDP"
-
-
-def _check_fsdp_extension_machinery() -> None:
-    """Raise if a piece the FSDP x TP path relies on is missing from this torch."""
-    ext = importlib.import_module("torch.distributed.fsdp._fsdp_extensions")
-    for name in ("FSDPExtensions", "_ext_pre_flatten_transform", "_ext_post_unflatten_transform"):
-        if not hasattr(ext, name):
-            raise AttributeError(f"torch.distributed.fsdp._fsdp_extensions has no {name}")
-    # FSDP1 decides per instance: a device_mesh sliced from a larger root mesh gets a
-    # DTensor extension (torch.distributed.fsdp._init_utils._init_extension).
-    init_utils = importlib.import_module("torch.distributed.fsdp._init_utils")
-    if not callable(getattr(init_utils, "_init_extension", None)):
-        raise AttributeError("torch.distributed.fsdp._init_utils has no _init_extension")
-    if not hasattr(DeviceMesh, "_get_root_mesh"):
-        raise AttributeError("DeviceMesh has no _get_root_mesh (needed to detect a sliced mesh)")
-    fsdp = importlib.import_module("torch.distributed.fsdp")
-    if "device_mesh" not in inspect.signature(fsdp.FullyShardedDataParallel.__init__).parameters:
-        raise TypeError("FullyShardedDataParallel does not accept device_mesh=")
-    if not callable(getattr(fsdp, "fully_shard", None)):
-        raise AttributeError("torch.distributed.fsdp has no fully_shard (FSDP2)")
 
 
 def enable_2d_with_fsdp() -> bool:
@@ -81,7 +60,7 @@ def enable_2d_with_fsdp() -> bool:
         ...              device_mesh=mesh2d["dp"], use_orig_params=True)
     """
     try:
-        _check_fsdp_extension_machinery()
+        check_fsdp_extension_machinery()
     except Exception as exc:  # noqa: BLE001 - any failure means "not supported here"
         warnings.warn(f"{_WARNING}: {type(exc).__name__}: {exc}", stacklevel=2)
         return False

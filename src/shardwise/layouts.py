@@ -8,7 +8,7 @@ differentiable, and all accept ``device_mesh`` positionally or by keyword.
 A plain tensor is trusted, not checked: ``make_input_shard_1d(x)`` says "x is this
 rank's shard" and no collective verifies it. On the parallelized hot path shardwise
 recognises these functions and runs the equivalent local collective instead of
-building DTensors (see :mod:`shardwise.sharded_linear`).
+building DTensors (see :mod:`shardwise._engine.sharded_linear`).
 
 :class:`ModuleIO` is the one form both spellings of a style's input and output handling
 reduce to: the seed's functions (``_prepare_input=make_input_reshard_replicate``) and

@@ -36,6 +36,8 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from ._engine.collectives import chunk_range
+
 __all__ = ["vocab_parallel_cross_entropy"]
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -67,10 +69,7 @@ def _vocab_slice(logits: DTensor) -> tuple[ProcessGroup, int, int]:
     mesh = logits.device_mesh
     vocab = logits.shape[-1]
     world, rank = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
-    # Shard follows torch.chunk: equal chunks of ceil(V / W), the tail shorter or empty.
-    chunk = -(-vocab // world)
-    start = min(rank * chunk, vocab)
-    expected = min(chunk, vocab - start)
+    start, expected = chunk_range(vocab, world, rank)  # torch.chunk's split
     if logits.to_local().shape[-1] != expected:
         raise ValueError(
             f"rank {rank} of {world} holds {logits.to_local().shape[-1]} vocabulary entries but "

@@ -30,14 +30,9 @@ from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from . import collectives as C
-from .layouts import (
-    make_input_replicate_1d,
-    make_input_shard_1d_last_dim,
-    make_output_tensor,
-    make_sharded_output_tensor,
-)
-from .sharded_linear import Role, check_linear, shard_linear
+from ._engine import collectives as C
+from ._engine.sharded_linear import Role, check_linear, parallelize_linear
+from .layouts import ModuleIO
 
 __all__ = ["TensorParallelMultiheadAttention", "check_attention", "parallelize_attention"]
 
@@ -141,6 +136,8 @@ class TensorParallelMultiheadAttention(nn.Module):
         self.batch_first = batch_first
         self.tp_size = tp_size
         self.self_attention = self_attention
+        # The plan's TensorParallelRNG (set by parallelize_module): per-rank dropout masks.
+        self.sharded_rng: Any = None
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         if self_attention:
             self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bias, **factory)
@@ -262,7 +259,7 @@ class TensorParallelMultiheadAttention(nn.Module):
         mask = None if causal_only else self._mask(attn_mask, key_padding_mask, q, k, rank)
         weights = None
         # Each rank's heads draw their own dropout mask, from the TP-aware sharded stream.
-        rng = getattr(self, "_shardwise_rng", None)
+        rng = self.sharded_rng
         with rng.sharded() if rng is not None and p > 0 else contextlib.nullcontext():
             if need_weights:
                 scores = torch.matmul(q * math.sqrt(1.0 / self.head_dim), k.transpose(-2, -1))
@@ -401,27 +398,28 @@ def check_attention(module: nn.Module, fqn: str, world: int) -> None:
             check_linear(linear, prefix + child, role, world)  # also: not parallelized twice
 
 
-def parallelize_attention(module: nn.Module, mesh: DeviceMesh, style: Any) -> nn.Module:
+def parallelize_attention(
+    module: nn.Module, mesh: DeviceMesh, input_io: ModuleIO, output_io: ModuleIO
+) -> TensorParallelMultiheadAttention:
     """Head-shard ``module`` on the 1-D ``mesh``; an nn.MultiheadAttention is swapped for a TPMA.
 
-    The input projections become column-parallel with ``style``'s input function and the
-    output projection row-parallel with its output function (``None`` means the
-    PairwiseParallel defaults): replicated in, all-reduce out for PairwiseParallel;
-    all-gather of dim 0 in, reduce-scatter of dim 0 out for SequenceParallel. Call
-    :func:`check_attention` first: this function communicates. Returns the module to
-    register in place of ``module``.
+    The input projections become column-parallel taking their input as ``input_io``
+    says, and the output projection row-parallel returning as ``output_io`` says:
+    replicated in, all-reduce out for PairwiseParallel; all-gather of dim 0 in,
+    reduce-scatter of dim 0 out for SequenceParallel. Call :func:`check_attention`
+    first: this function communicates. Returns the module to register in place of
+    ``module``.
 
     Example::
 
-        >>> tpma = parallelize_attention(nn.MultiheadAttention(16, 4), mesh, PairwiseParallel())
+        >>> tpma = parallelize_attention(nn.MultiheadAttention(16, 4), mesh,
+        ...                              ModuleIO(Replicate(), Shard(-1)), ModuleIO(Shard(-1), Replicate()))
     """
     if isinstance(module, nn.MultiheadAttention):
         module = TensorParallelMultiheadAttention.from_multihead_attention(module, mesh.size())
     if not isinstance(module, TensorParallelMultiheadAttention):
         raise TypeError(f"expected an attention module, got {type(module).__name__}")
-    prepare_input = getattr(style, "_prepare_input", None) or make_input_replicate_1d
-    prepare_output = getattr(style, "_prepare_output", None) or make_output_tensor
     for linear in module._in_projections():
-        shard_linear(linear, mesh, "colwise", prepare_input, make_sharded_output_tensor)
-    shard_linear(module.proj, mesh, "rowwise", make_input_shard_1d_last_dim, prepare_output)
+        parallelize_linear(linear, mesh, "colwise", input_io)
+    parallelize_linear(module.proj, mesh, "rowwise", output_io)
     return module

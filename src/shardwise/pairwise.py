@@ -1,60 +1,41 @@
-"""PairwiseParallel and SequenceParallel on MLPs and Transformer layers.
+"""How PairwiseParallel and SequenceParallel read MLPs and Transformer layers.
 
 An MLP is a module with two or more direct ``nn.Linear`` children; they are paired in
 registration order, even ones column-parallel and odd ones row-parallel. Only the first
-Linear sees the style's input function and only the last its output function; between
+Linear sees the style's input layout and only the last its output layout; between
 pairs the activation is all-reduced (Megatron's f/g), and inside a pair it stays a
 local feature shard, so ReLU/GELU/Dropout in between run on plain local tensors.
+The styles themselves (:mod:`shardwise.style`) turn these facts into plan entries.
 
 Example::
 
-    >>> specs = plan_mlp(mlp, "mlp", PairwiseParallel(), world=2)
-    >>> [(s.fqn, s.role) for s in specs]
-    [('mlp.fc1', 'colwise'), ('mlp.fc2', 'rowwise')]
+    >>> [(name, role) for name, _, role in mlp_pairs(mlp, "mlp", "PairwiseParallel")]
+    [('fc1', 'colwise'), ('fc2', 'rowwise')]
 """
 
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from . import collectives as C
-from .layouts import (
-    make_input_replicate_1d,
-    make_input_shard_1d_last_dim,
-    make_output_tensor,
-    make_sharded_output_tensor,
-)
-from .sharded_linear import Role, check_linear
-from .style import PairwiseParallel, SequenceParallel
+from ._engine import collectives as C
+from ._engine.torch_compat import DropoutBase
+from .layouts import Role
 
 __all__ = [
-    "LinearSpec",
     "dropouts_inside_pairs",
     "is_mlp",
     "is_transformer_layer",
     "linear_children",
-    "plan_mlp",
+    "mlp_pairs",
     "shard_sequence_io",
 ]
 
 TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-
-
-@dataclass(frozen=True)
-class LinearSpec:
-    """One Linear to shard: where it is, which role, and its input/output functions."""
-
-    fqn: str
-    module: nn.Linear
-    role: Role
-    prepare_input: Any
-    prepare_output: Any
 
 
 def linear_children(module: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -96,7 +77,7 @@ def dropouts_inside_pairs(module: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
             linears_seen += 1
-        elif linears_seen % 2 == 1 and isinstance(child, nn.modules.dropout._DropoutNd):
+        elif linears_seen % 2 == 1 and isinstance(child, DropoutBase):
             found.append((name, child))
     return found
 
@@ -112,54 +93,26 @@ def is_transformer_layer(module: nn.Module) -> bool:
     return isinstance(module, TRANSFORMER_LAYERS)
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+def mlp_pairs(module: nn.Module, fqn: str, style_name: str) -> list[tuple[str, nn.Linear, Role]]:
+    """The direct Linear children of an MLP with their roles: even column, odd row.
 
-
-def plan_mlp(module: nn.Module, fqn: str, style: PairwiseParallel, world: int) -> list[LinearSpec]:
-    """Validate an MLP under ``style`` and return the Linear shardings to apply.
-
-    Raises before any collective: an odd Linear count, or a dimension that ``world``
-    does not divide, names the module.
+    Raises before any collective on an odd Linear count, naming the module.
 
     Example::
 
-        >>> plan_mlp(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 4), nn.Linear(4, 4)), "m",
-        ...          PairwiseParallel(), 2)
+        >>> mlp_pairs(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 4), nn.Linear(4, 4)), "m",
+        ...           "PairwiseParallel")
         Traceback (most recent call last):
         RuntimeError: m: PairwiseParallel needs an even number of nn.Linear children ...
     """
-    name = fqn or type(module).__name__
-    if not isinstance(style, PairwiseParallel):
-        raise NotImplementedError(
-            f"Only support PairwiseParallel for MLP parallelization ('{name}' got "
-            f"{type(style).__name__})."
-        )
     linears = linear_children(module)
     if len(linears) % 2:
         raise RuntimeError(
-            f"{name}: {type(style).__name__} needs an even number of nn.Linear children to pair "
-            f"column- and row-wise, but found an odd number ({len(linears)}: "
+            f"{fqn or type(module).__name__}: {style_name} needs an even number of nn.Linear "
+            f"children to pair column- and row-wise, but found an odd number ({len(linears)}: "
             f"{', '.join(n for n, _ in linears)}). Use a dict plan for the odd one out."
         )
-    sequence_io_on_layer = isinstance(style, SequenceParallel) and is_transformer_layer(module)
-    first_in = make_input_replicate_1d if sequence_io_on_layer else style.input_fn()
-    last_out = make_output_tensor if sequence_io_on_layer else style.output_fn()
-    specs: list[LinearSpec] = []
-    for i, (child, linear) in enumerate(linears):
-        role: Role = "colwise" if i % 2 == 0 else "rowwise"
-        child_fqn = _join(fqn, child)
-        check_linear(linear, child_fqn, role, world)
-        fn_in: Any
-        fn_out: Any
-        if role == "colwise":
-            fn_in = first_in if i == 0 else make_input_replicate_1d
-            fn_out = make_sharded_output_tensor
-        else:
-            fn_in = make_input_shard_1d_last_dim
-            fn_out = last_out if i == len(linears) - 1 else make_output_tensor
-        specs.append(LinearSpec(child_fqn, linear, role, fn_in, fn_out))
-    return specs
+    return [(name, linear, "colwise" if i % 2 == 0 else "rowwise") for i, (name, linear) in enumerate(linears)]
 
 
 class _SequenceShardedForward:

@@ -3,7 +3,7 @@
 These styles shard nothing; they install a forward pre-hook (inputs) or forward hook
 (outputs) that treats each plain tensor as this rank's piece in a given layout and
 redistributes it to the desired one, as torch 2.x's styles of the same names do. Plain
-tensors move with one local collective each (:mod:`shardwise.redistribute`):
+tensors move with one local collective each (:mod:`shardwise._engine.redistribute`):
 
 ===========================  ==========================  ==========================================
 transition                   forward                     backward
@@ -40,8 +40,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Shard
 
+from ._engine.redistribute import global_shape, local_redistribute, wrap
 from .layouts import as_placement, normalize
-from .redistribute import global_shape, local_redistribute, wrap
 from .style import ModuleStyle
 
 __all__ = ["PrepareModuleInput", "PrepareModuleInputOutput", "PrepareModuleOutput"]

@@ -25,13 +25,15 @@ Example::
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from torch import nn
 from torch.distributed.tensor import Placement, Replicate, Shard
 
+from ._engine.sequence_norm import is_norm
+from ._engine.sharded_embedding import check_embedding, embedding_placements, parallelize_embedding
+from ._engine.sharded_linear import check_linear, linear_placements, parallelize_linear
 from .layouts import (
     ModuleIO,
     Role,
@@ -47,8 +49,16 @@ from .layouts import (
     make_output_tensor,
     make_sharded_output_tensor,
 )
-from .sharded_embedding import check_embedding, embedding_placements, parallelize_embedding
-from .sharded_linear import check_linear, linear_placements, parallelize_linear
+from .pairwise import dropouts_inside_pairs, is_mlp, is_transformer_layer, mlp_pairs
+from .primitives import (
+    ATTENTION_TYPES,
+    DROPOUT_TYPES,
+    SequenceShardedLayer,
+    ShardedAttention,
+    ShardedDropout,
+    ShardedNorm,
+)
+from .style_base import ModuleStyle, ParallelStyle, PlanContext, PrepareFn, join_fqn
 
 __all__ = [
     "ColwiseParallel",
@@ -67,87 +77,6 @@ __all__ = [
     "make_output_tensor",
     "make_sharded_output_tensor",
 ]
-
-PrepareFn = Callable[..., Any]
-
-
-class ParallelStyle(ABC):
-    """Base class of all styles: a pair of input/output preparation functions.
-
-    ``_prepare_input(input, device_mesh)`` returns a DTensor in the layout the module
-    expects; ``_prepare_output(output, device_mesh)`` turns the module's DTensor result
-    into what the caller receives. Subclass it and call ``super().__init__(f, g)``.
-
-    Example::
-
-        >>> class MyStyle(PairwiseParallel): ...
-    """
-
-    _prepare_input: PrepareFn | None
-    _prepare_output: PrepareFn | None
-
-    @abstractmethod
-    def __init__(
-        self, _prepare_input: PrepareFn | None, _prepare_output: PrepareFn | None
-    ) -> None:
-        self._prepare_input = _prepare_input
-        self._prepare_output = _prepare_output
-
-    def __repr__(self) -> str:
-        def name(fn: PrepareFn | None) -> str:
-            return "None" if fn is None else getattr(fn, "__name__", repr(fn))
-
-        return (
-            f"{type(self).__name__}(_prepare_input={name(self._prepare_input)}, "
-            f"_prepare_output={name(self._prepare_output)})"
-        )
-
-
-class ModuleStyle(ParallelStyle):
-    """A style that validates and applies itself to one module (the extension point).
-
-    Subclasses implement :meth:`check` (no communication: raise on anything that cannot
-    work, the same way on every rank) and :meth:`apply` (shard parameters, install the
-    forward; may communicate; returns the module to register in place of the old one).
-    ``parallelize_module`` calls ``check`` for every plan entry before any ``apply``.
-    An ``exclusive`` style (the default) owns the module's parameters, so no other plan
-    entry may cover the same module; hook-only styles set ``exclusive = False``.
-
-    Example::
-
-        >>> class Replicated(ModuleStyle):
-        ...     def check(self, module, fqn, mesh): ...
-        ...     def apply(self, module, mesh): return module
-    """
-
-    exclusive: ClassVar[bool] = True
-
-    def __init__(
-        self, _prepare_input: PrepareFn | None = None, _prepare_output: PrepareFn | None = None
-    ) -> None:
-        super().__init__(_prepare_input, _prepare_output)
-
-    def check(self, module: Any, fqn: str, mesh: Any) -> None:
-        """Raise (without communicating) if this style cannot apply to ``module``."""
-
-    @abstractmethod
-    def apply(self, module: Any, mesh: Any) -> Any:
-        """Parallelize ``module`` on the 1-D ``mesh``; return the module to register."""
-
-    def param_placements(self, module: Any) -> Mapping[str, Placement] | None:
-        """The placement :meth:`apply` gives each of ``module``'s own parameters.
-
-        ``None`` (the default) means "not declared". ``parallelize_module`` uses it to
-        keep a tied parameter (an embedding shared with the output head) one parameter:
-        the tie is kept when every module holding it declares the same placement for it.
-
-        Example::
-
-            >>> ColwiseParallel().param_placements(nn.Linear(4, 8))
-            {'weight': Shard(dim=0), 'bias': Shard(dim=0)}
-        """
-        return None
-
 
 class _LinearLikeStyle(ModuleStyle):
     """Shared machinery of ColwiseParallel and RowwiseParallel (``nn.Linear``, ``nn.Embedding``)."""
@@ -170,8 +99,8 @@ class _LinearLikeStyle(ModuleStyle):
             raise TypeError(
                 f"{name}(use_local_output=...) must be a bool, got {use_local_output!r}"
             )
-        self._layouts: ModuleIO | None = None
-        if in_layout is not None or out_layout is not None or not use_local_output:
+        self._from_layouts = in_layout is not None or out_layout is not None or not use_local_output
+        if self._from_layouts:
             if (_prepare_input, _prepare_output) != defaults:
                 raise ValueError(
                     f"{name}: pass either the seed's _prepare_input/_prepare_output functions "
@@ -181,9 +110,11 @@ class _LinearLikeStyle(ModuleStyle):
             default_in, default_out = (
                 (Replicate(), Shard(-1)) if self.role == "colwise" else (Shard(-1), Replicate())
             )
-            self._layouts = ModuleIO(
-                in_layout or default_in, out_layout or default_out, use_local_output
-            )
+            self._io = ModuleIO(in_layout or default_in, out_layout or default_out, use_local_output)
+        else:
+            # The seed's functions, translated to placements once, here (a user's own
+            # function stays a function and runs on DTensors).
+            self._io = io_from_functions(self.role, _prepare_input, _prepare_output)
         super().__init__(_prepare_input, _prepare_output)
 
     def io(self) -> ModuleIO:
@@ -194,9 +125,7 @@ class _LinearLikeStyle(ModuleStyle):
             >>> ColwiseParallel(input_layouts=Shard(1)).io().input_layout
             Shard(dim=1)
         """
-        if self._layouts is not None:
-            return self._layouts
-        return io_from_functions(self.role, self._prepare_input, self._prepare_output)
+        return self._io
 
     @property
     def input_layouts(self) -> tuple[Placement] | None:
@@ -241,7 +170,7 @@ class _LinearLikeStyle(ModuleStyle):
         return parallelize_linear(module, mesh, self.role, self.io())
 
     def __repr__(self) -> str:
-        if self._layouts is None:
+        if not self._from_layouts:
             return super().__repr__()
         return (
             f"{type(self).__name__}(input_layouts={self.input_layouts}, "
@@ -345,48 +274,97 @@ class ColwiseParallel(_LinearLikeStyle):
         )
 
 
-class PairwiseParallel(ParallelStyle):
+class PairwiseParallel(ModuleStyle):
     """Colwise then Rowwise as a fixed pair, as in Megatron-LM (arXiv:1909.08053).
 
     Applies to an MLP with an even number of direct ``nn.Linear`` children (pairs in
     registration order), to ``nn.MultiheadAttention`` (swapped for
     :class:`~shardwise.multihead_attention_tp.TensorParallelMultiheadAttention`, heads
     split across ranks) and to ``nn.Transformer`` and its encoder/decoder layers (their
-    feed-forward pairs).
+    feed-forward pairs). It is a plan, not a mechanism: :meth:`expand` turns it into
+    ``ColwiseParallel``/``RowwiseParallel``/``ShardedAttention`` entries.
 
-    * Input: replicated. ``None`` means :func:`make_input_replicate_1d`.
+    * Input: replicated. ``None`` means :func:`make_input_replicate_1d` (stored as such).
     * Output: replicated plain tensor. ``None`` means :func:`make_output_tensor`.
     * Forward: one all-reduce per pair. Backward: one all-reduce per pair.
 
     Example::
 
         >>> model = parallelize_module(model, mesh, PairwiseParallel())
+        >>> expand_plan(mlp, PairwiseParallel(), tp_size=2)
+        {'fc1': ColwiseParallel(...), 'fc2': RowwiseParallel(...)}
     """
 
     def __init__(
         self, _prepare_input: PrepareFn | None = None, _prepare_output: PrepareFn | None = None
     ) -> None:
-        super().__init__(_prepare_input, _prepare_output)
+        super().__init__(
+            _prepare_input or make_input_replicate_1d, _prepare_output or make_output_tensor
+        )
 
     def input_fn(self) -> PrepareFn:
-        """The input function this style applies (``None`` resolved to its default).
+        """The input function this style applies.
 
         Example::
 
             >>> PairwiseParallel().input_fn() is make_input_replicate_1d
             True
         """
-        return self._prepare_input or make_input_replicate_1d
+        assert self._prepare_input is not None
+        return self._prepare_input
 
     def output_fn(self) -> PrepareFn:
-        """The output function this style applies (``None`` resolved to its default).
+        """The output function this style applies.
 
         Example::
 
             >>> PairwiseParallel().output_fn() is make_output_tensor
             True
         """
-        return self._prepare_output or make_output_tensor
+        assert self._prepare_output is not None
+        return self._prepare_output
+
+    def expand(self, module: nn.Module, fqn: str, ctx: PlanContext) -> dict[str, ModuleStyle]:
+        """Attention, MLP pairs, or (recursively) whatever of those ``module`` contains."""
+        if isinstance(module, ATTENTION_TYPES):
+            return {fqn: ShardedAttention(
+                io_from_functions("colwise", self.input_fn(), make_sharded_output_tensor),
+                io_from_functions("rowwise", make_input_shard_1d_last_dim, self.output_fn()),
+                ctx.rng,
+            )}
+        if is_mlp(module):
+            return self._expand_mlp(module, fqn, ctx)
+        entries: dict[str, ModuleStyle] = {}
+        for name, child in module.named_children():
+            entries.update(self.expand(child, join_fqn(fqn, name), ctx))
+        return entries
+
+    def _expand_mlp(self, module: nn.Module, fqn: str, ctx: PlanContext) -> dict[str, ModuleStyle]:
+        # A sequence-parallel Transformer layer gathers and scatters around the whole
+        # layer (SequenceShardedLayer), so its Linears see replicated activations.
+        layer_io = isinstance(self, SequenceParallel) and is_transformer_layer(module)
+        first_in = make_input_replicate_1d if layer_io else self.input_fn()
+        last_out = make_output_tensor if layer_io else self.output_fn()
+        entries: dict[str, ModuleStyle] = {
+            join_fqn(fqn, name): ShardedDropout(ctx.rng) for name, _ in dropouts_inside_pairs(module)
+        }
+        pairs = mlp_pairs(module, fqn, type(self).__name__)
+        for i, (name, _, role) in enumerate(pairs):
+            if role == "colwise":
+                fn_in = first_in if i == 0 else make_input_replicate_1d
+                entries[join_fqn(fqn, name)] = ColwiseParallel(fn_in, make_sharded_output_tensor)
+            else:
+                fn_out = last_out if i == len(pairs) - 1 else make_output_tensor
+                entries[join_fqn(fqn, name)] = RowwiseParallel(make_input_shard_1d_last_dim, fn_out)
+        if layer_io:
+            entries[fqn] = SequenceShardedLayer()
+        return entries
+
+    def apply(self, module: Any, mesh: Any) -> Any:
+        raise TypeError(
+            f"{type(self).__name__} is a plan, not a mechanism: parallelize_module applies "
+            "the entries it expands into (see shardwise.expand_plan)."
+        )
 
 
 class SequenceParallel(PairwiseParallel):
@@ -397,6 +375,10 @@ class SequenceParallel(PairwiseParallel):
     * Input: this rank's dim-0 slice; all-gathered on entry.
     * Output: this rank's dim-0 slice of the result.
     * Forward: all-gather in, reduce-scatter out. Backward: reduce-scatter in, all-gather out.
+
+    On ``nn.LayerNorm``/``nn.RMSNorm`` it expands to :class:`~shardwise.primitives.ShardedNorm`
+    and on dropout to :class:`~shardwise.primitives.ShardedDropout`: they run on the
+    local sequence shard.
 
     The result equals the single-device module applied to the concatenation of all
     ranks' inputs; parameter gradients are those of the sum of all ranks' losses.
@@ -409,3 +391,37 @@ class SequenceParallel(PairwiseParallel):
 
     def __init__(self) -> None:
         super().__init__(make_input_reshard_replicate, make_output_reshard_tensor)
+
+    def expand(self, module: nn.Module, fqn: str, ctx: PlanContext) -> dict[str, ModuleStyle]:
+        """Norms and dropouts on the sequence shard; otherwise as PairwiseParallel."""
+        if is_norm(module):
+            return {fqn: ShardedNorm()}
+        if isinstance(module, DROPOUT_TYPES):
+            return {fqn: ShardedDropout(ctx.rng)}
+        return super().expand(module, fqn, ctx)
+
+
+class FunctionStyle(PairwiseParallel):
+    """A user's plain :class:`ParallelStyle` subclass (the seed's extension), as a plan.
+
+    Like the seed, it parallelizes attention with its own input/output functions and
+    refuses MLPs, which need PairwiseParallel.
+    """
+
+    def __init__(self, style: ParallelStyle) -> None:
+        super().__init__(style._prepare_input, style._prepare_output)
+        self.style = style
+
+    def _expand_mlp(self, module: nn.Module, fqn: str, ctx: PlanContext) -> dict[str, ModuleStyle]:
+        raise NotImplementedError(
+            f"Only support PairwiseParallel for MLP parallelization ('{fqn or type(module).__name__}' "
+            f"got {type(self.style).__name__})."
+        )
+
+    def __repr__(self) -> str:
+        return f"FunctionStyle({self.style!r})"
+
+
+def as_module_style(style: ParallelStyle) -> ModuleStyle:
+    """``style`` itself, or a plain ParallelStyle subclass wrapped as :class:`FunctionStyle`."""
+    return style if isinstance(style, ModuleStyle) else FunctionStyle(style)

@@ -18,7 +18,7 @@ GPT-2's ``c_attn`` fuses q|k|v into one ``[E, 3E]`` weight. Rank r needs columns
 local tensor is exactly ``[q_r | k_r | v_r]``, ``full_tensor()`` and ``state_dict``
 see the original ``[E, 3E]`` weight, gradients stay sharded (no weight all-reduce) and
 the parameter keeps its name. ``_StridedShard`` is private torch API (FSDP2 + TP's own
-layout); it is the only private API this package relies on.
+layout), imported through :mod:`shardwise._engine.torch_compat` like every other.
 
 Example::
 
@@ -28,17 +28,17 @@ Example::
 
 from __future__ import annotations
 
-import types
 from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.distributed import ProcessGroup
-from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
-from torch.distributed.tensor.placement_types import _StridedShard
+from torch.distributed.tensor import Placement, Replicate, Shard
 
-from .. import collectives as C
-from ..local_params import distribute_parameter, local_param
+from .._engine import collectives as C
+from .._engine.forward import ParallelForward, check_not_parallelized
+from .._engine.local_params import distribute_parameter, local_param
+from .._engine.torch_compat import StridedShard
 from ..style import ModuleStyle
 
 __all__ = ["ColwiseConv1D", "RowwiseConv1D", "is_conv1d"]
@@ -71,8 +71,7 @@ def _check(module: Any, fqn: str, style: str, features: int, label: str, split: 
             f"Expect a transformers Conv1D module but received {type(module)}! "
             f"({style} on '{name}')"
         )
-    if isinstance(module.weight, DTensor):
-        raise RuntimeError(f"'{name}' is already parallelized (its weight is a DTensor).")
+    check_not_parallelized(module, name)
     if features % split:
         raise ValueError(
             f"{name}: {style} splits {label}={features} into {split} equal pieces "
@@ -80,11 +79,14 @@ def _check(module: Any, fqn: str, style: str, features: int, label: str, split: 
         )
 
 
-class _Conv1DForward:
+class _Conv1DForward(ParallelForward):
     """The local forward of a sharded Conv1D (bound to it as a method)."""
 
     def __init__(self, role: Literal["colwise", "rowwise"], group: ProcessGroup) -> None:
         self.role, self.group = role, group
+        # Column: replicated in, this rank's features out. Row: partial sums all-reduced.
+        self.input_layout = Replicate() if role == "colwise" else None
+        self.output_layout = Shard(-1) if role == "colwise" else Replicate()
 
     def __repr__(self) -> str:
         return f"_Conv1DForward({self.role})"
@@ -132,7 +134,7 @@ class ColwiseConv1D(ModuleStyle):
         return "ColwiseConv1D()" if self.parts == 1 else f"ColwiseConv1D(parts={self.parts})"
 
     def _placement(self, dim: int) -> Placement:
-        return Shard(dim) if self.parts == 1 else _StridedShard(dim, split_factor=self.parts)
+        return Shard(dim) if self.parts == 1 else StridedShard(dim, split_factor=self.parts)
 
     def check(self, module: Any, fqn: str, mesh: Any) -> None:
         """Raise (no communication) on a non-Conv1D or an indivisible ``nf``.
@@ -153,7 +155,7 @@ class ColwiseConv1D(ModuleStyle):
         """
         distribute_parameter(module, "weight", mesh, self._placement(1))
         distribute_parameter(module, "bias", mesh, self._placement(0))
-        module.forward = types.MethodType(_Conv1DForward("colwise", mesh.get_group()), module)
+        _Conv1DForward("colwise", mesh.get_group()).install(module)
         return module
 
 
@@ -194,5 +196,5 @@ class RowwiseConv1D(ModuleStyle):
         """
         distribute_parameter(module, "weight", mesh, Shard(0))
         distribute_parameter(module, "bias", mesh, Replicate())
-        module.forward = types.MethodType(_Conv1DForward("rowwise", mesh.get_group()), module)
+        _Conv1DForward("rowwise", mesh.get_group()).install(module)
         return module

@@ -40,8 +40,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from .._engine.local_params import with_local_tensor
 from ..api import parallelize_module
-from ..local_params import with_local_tensor
 from ..mesh import tp_submesh
 from .plans import auto_plan
 

@@ -31,6 +31,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from ..api import Plan, parallelize_module
+from .tolerance import assert_close_at_scale, largest_magnitude, tolerance
 
 __all__ = ["ParityReport", "check_parity", "expect_raises", "full", "mesh_of"]
 
@@ -71,14 +72,38 @@ class ParityReport:
     names: list[str] = field(default_factory=list)
 
 
-def _close(report: ParityReport, what: str, actual: Any, expected: Any, atol: float, rtol: float) -> None:
+def _close(
+    report: ParityReport,
+    what: str,
+    actual: Any,
+    expected: Any,
+    atol: float | None,
+    rtol: float | None,
+    *,
+    tol: float = 0.0,
+    scale: float = 0.0,
+) -> None:
+    """Compare with the given ``atol``/``rtol``, or else ``tol`` relative to ``scale``."""
     if actual is None and expected is None:
         return
     if actual is None or expected is None:
         raise AssertionError(f"{what}: one side is None (tp={actual is None}, ref={expected is None})")
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
-    if actual.numel():
-        report.max_diff = max(report.max_diff, (actual - expected).abs().max().item())
+    if atol is None and rtol is None:
+        diff = assert_close_at_scale(actual, expected, tol=tol, scale=scale, what=what)
+    else:
+        torch.testing.assert_close(
+            actual, expected, atol=atol or 0.0, rtol=rtol or 0.0, msg=lambda m: f"{what}: {m}"
+        )
+        diff = (actual - expected).abs().max().item() if actual.numel() else 0.0
+    report.max_diff = max(report.max_diff, diff)
+
+
+def _longest_reduction(model: nn.Module, x: torch.Tensor) -> int:
+    """The longest sum a step of ``model`` on ``x`` does: a weight's dimension, or the
+    tokens a weight gradient sums over (every element of ``x`` but its last dimension)."""
+    dims = [d for p in model.parameters() for d in p.shape]
+    tokens = x.numel() // x.shape[-1] if x.dim() else 1
+    return max([tokens, *dims])
 
 
 def _first(out: Any) -> torch.Tensor:
@@ -96,8 +121,8 @@ def check_parity(
     sequence_dim: int | None = None,
     call: Callable[[nn.Module, torch.Tensor], Any] | None = None,
     optimizer: Callable[[Any], torch.optim.Optimizer] | None = None,
-    atol: float = 1e-5,
-    rtol: float = 1e-4,
+    atol: float | None = None,
+    rtol: float | None = None,
     seed: int = 0,
 ) -> ParityReport:
     """Check outputs, input and parameter gradients, and ``steps`` optimizer steps.
@@ -112,6 +137,11 @@ def check_parity(
             parallel); the reference loss is the sum over all chunks.
         call: how to call a module on an input (default ``module(x)``).
         optimizer: builds the optimizer from parameters (default SGD, lr 0.05, momentum 0.9).
+        atol, rtol: fixed element-wise tolerances. Without them, each phase (output, input
+            gradient, parameter gradients, parameters) is compared with
+            :func:`~shardwise.testing.tolerance.tolerance` of the parameters' dtype, the
+            longest reduction of the step and the steps so far, relative to the largest
+            magnitude in that phase, so the bound follows the arithmetic, not one CPU.
 
     Example::
 
@@ -135,31 +165,40 @@ def check_parity(
     def mine(t: torch.Tensor) -> torch.Tensor:
         return t if sequence_dim is None else t.chunk(world, dim=sequence_dim)[rank]
 
+    dtype = next((p.dtype for p in ref.parameters() if p.is_floating_point()), torch.float32)
     for step in range(steps):
         gen = torch.Generator().manual_seed(seed * 1000 + step)
         x = make_input(step)
+        tol = tolerance(dtype, reduction=_longest_reduction(ref, x), steps=step + 1)
         x_ref = x.detach().clone().requires_grad_(x.is_floating_point())
         x_tp = mine(x.detach()).clone().requires_grad_(x.is_floating_point())
         out_ref = _first(invoke(ref, x_ref))
         out_tp = full(_first(invoke(tp, x_tp)))
         assert out_tp is not None
-        _close(report, f"step {step} output", out_tp, mine(out_ref.detach()), atol, rtol)
+        expected = mine(out_ref.detach())
+        _close(report, f"step {step} output", out_tp, expected, atol, rtol,
+               tol=tol, scale=largest_magnitude([out_ref]))
         report.outputs += 1
         weight = torch.randn(out_ref.shape, generator=gen)
         (out_ref * weight).sum().backward()
         (out_tp * mine(weight)).sum().backward()
         if x.is_floating_point():
             assert x_ref.grad is not None
-            _close(report, f"step {step} input grad", x_tp.grad, mine(x_ref.grad), atol, rtol)
+            _close(report, f"step {step} input grad", x_tp.grad, mine(x_ref.grad), atol, rtol,
+                   tol=tol, scale=largest_magnitude([x_ref.grad]))
+        grad_scale = largest_magnitude(p.grad for p in ref.parameters())
         for name, p_ref in ref.named_parameters():
-            _close(report, f"step {step} grad of {name}", full(tp_params[name].grad), p_ref.grad, atol, rtol)
+            _close(report, f"step {step} grad of {name}", full(tp_params[name].grad), p_ref.grad,
+                   atol, rtol, tol=tol, scale=grad_scale)
             report.grads += 1
         opt_ref.step()
         opt_tp.step()
         opt_ref.zero_grad()
         opt_tp.zero_grad()
+        param_scale = largest_magnitude(ref.parameters())
         for name, p_ref in ref.named_parameters():
-            _close(report, f"step {step} param {name}", full(tp_params[name].detach()), p_ref.detach(), atol, rtol)
+            _close(report, f"step {step} param {name}", full(tp_params[name].detach()), p_ref.detach(),
+                   atol, rtol, tol=tol, scale=param_scale)
             report.params += 1
         report.steps += 1
     return report

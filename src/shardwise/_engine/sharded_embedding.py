@@ -21,17 +21,17 @@ Example::
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
+from torch.distributed.tensor import Partial, Placement, Replicate, Shard
 
+from ..layouts import ModuleIO, Role
 from .collectives import chunk_range
-from .layouts import ModuleIO, Role
+from .forward import ParallelForward, check_not_parallelized
 from .local_params import distribute_parameter, local_param
 from .redistribute import input_to_local, output_from_local
 from .sharded_linear import check_shardable
@@ -52,8 +52,7 @@ def check_embedding(module: nn.Module, fqn: str, role: Role, world: int) -> None
     style = "ColwiseParallel" if role == "colwise" else "RowwiseParallel"
     if not isinstance(module, nn.Embedding):
         raise RuntimeError(f"Expect a torch.nn.Embedding module but received {type(module)}!")
-    if isinstance(module.weight, DTensor):
-        raise RuntimeError(f"'{name}' is already parallelized (its weight is a DTensor).")
+    check_not_parallelized(module, name)
     unsupported = [
         ("max_norm", module.max_norm is not None),
         ("sparse=True", module.sparse),
@@ -70,13 +69,16 @@ def check_embedding(module: nn.Module, fqn: str, role: Role, world: int) -> None
         check_shardable(name, style, "num_embeddings", module.num_embeddings, world)
 
 
-class ShardedEmbeddingForward:
+class ShardedEmbeddingForward(ParallelForward):
     """The forward installed on a parallelized ``nn.Embedding`` (bound to it as a method)."""
 
     def __init__(self, role: Role, mesh: DeviceMesh, io: ModuleIO, module: nn.Embedding) -> None:
         self.role = role
         self.mesh = mesh
         self.io = io
+        self.group = mesh.get_group()
+        self.input_layout = io.input_layout if io.input_fn is None else None
+        self.output_layout = io.output_layout if io.output_fn is None else None
         self.dim = module.embedding_dim
         world, rank = mesh.size(), mesh.get_local_rank()
         self.start, self.rows = chunk_range(module.num_embeddings, world, rank)
@@ -140,6 +142,5 @@ def parallelize_embedding(
     """
     for name, placement in embedding_placements(role).items():
         distribute_parameter(module, name, mesh, placement)
-    forward = ShardedEmbeddingForward(role, mesh, io, module)
-    module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
+    ShardedEmbeddingForward(role, mesh, io, module).install(module)
     return module

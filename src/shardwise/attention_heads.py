@@ -35,8 +35,6 @@ Example::
 
 from __future__ import annotations
 
-import types
-import weakref
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -44,11 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import Replicate, Shard
 
-from .. import collectives as C
-from ..local_params import distribute_parameter, local_param
-from ..style import ModuleStyle
+from ._engine import collectives as C
+from ._engine.forward import ParallelForward, check_not_parallelized
+from ._engine.local_params import distribute_parameter, local_param
+from ._engine.sharded_linear import _shared_entry as shared_entry
+from .style import ModuleStyle
 
 __all__ = ["AttentionHeads", "ColwiseHeads", "HeadLayout", "RowwiseHeads", "head_layout"]
 
@@ -256,30 +256,6 @@ class AttentionHeads(ModuleStyle):
 
 
 # -- replicated projections with per-rank head slices ----------------------------------------
-_ENTRIES: dict[tuple[Any, ...], torch.Tensor] = {}
-
-
-def _replicated_entry(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    """Megatron's *f* on ``x``, once per (activation, group) however many projections read it.
-
-    k and v (and q, when uneven) read the same activation: one entry means autograd sums
-    their input gradients first and one all-reduce runs in backward. Module hooks (e.g.
-    CommDebugMode's) hand each module its own identity view of the input, so the key is
-    the root tensor plus the view's geometry. The entry is dropped when the root is freed.
-
-    TODO: share ``sharded_linear``'s entry cache once it is public, so a ``ColwiseParallel``
-    q_proj and ``ColwiseHeads`` k/v_proj use one all-reduce instead of two.
-    """
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        return x
-    root = x._base if x._base is not None else x
-    key = (id(root), root._version, x.storage_offset(), tuple(x.shape), x.stride(), id(group))
-    entry = _ENTRIES.get(key)
-    if entry is None:
-        entry = C.copy_to_region(x, group)
-        _ENTRIES[key] = entry
-        weakref.finalize(root, _ENTRIES.pop, key, None)
-    return entry
 
 
 def _check_head_linear(
@@ -290,19 +266,21 @@ def _check_head_linear(
         raise TypeError(
             f"Expect a torch.nn.Linear module but received {type(module)}! ({style} on '{name}')"
         )
-    if isinstance(module.weight, DTensor):
-        raise RuntimeError(f"'{name}' is already parallelized (its weight is a DTensor).")
+    check_not_parallelized(module, name)
     if features != want:
         raise ValueError(f"{name}: {style} expects {label}={want}, but the module has {features}.")
 
 
-class _HeadsForward:
+class _HeadsForward(ParallelForward):
     """Forward of a replicated Linear that computes only this rank's head rows/columns."""
 
     def __init__(
         self, role: Literal["colwise", "rowwise"], span: slice, group: ProcessGroup
     ) -> None:
         self.role, self.span, self.group = role, span, group
+        # Column: replicated in, this rank's heads out. Row: partial sums all-reduced.
+        self.input_layout = Replicate() if role == "colwise" else None
+        self.output_layout = Shard(-1) if role == "colwise" else Replicate()
 
     def __repr__(self) -> str:
         return f"_HeadsForward({self.role}, features {self.span.start}:{self.span.stop})"
@@ -314,7 +292,7 @@ class _HeadsForward:
         assert w is not None
         if self.role == "colwise":
             bias = None if b is None else b[self.span]
-            return F.linear(_replicated_entry(x, self.group), w[self.span], bias)  # [.., heads_r*D]
+            return F.linear(shared_entry("f", x, self.group, 0), w[self.span], bias)  # [.., heads_r*D]
         y = C.reduce_from_region(F.linear(x, w[:, self.span]), self.group)  # [.., hidden]
         return y if b is None else y + b
 
@@ -378,7 +356,7 @@ class ColwiseHeads(ModuleStyle):
         distribute_parameter(module, "weight", mesh, Replicate(), sum_grads=True)
         distribute_parameter(module, "bias", mesh, Replicate(), sum_grads=True)
         span = slice(start * self.head_dim, stop * self.head_dim)
-        module.forward = types.MethodType(_HeadsForward("colwise", span, mesh.get_group()), module)
+        _HeadsForward("colwise", span, mesh.get_group()).install(module)
         return module
 
 
@@ -429,5 +407,5 @@ class RowwiseHeads(ModuleStyle):
         distribute_parameter(module, "weight", mesh, Replicate(), sum_grads=True)
         distribute_parameter(module, "bias", mesh, Replicate(), sum_grads=False)  # added after the all-reduce
         span = slice(start * self.head_dim, stop * self.head_dim)
-        module.forward = types.MethodType(_HeadsForward("rowwise", span, mesh.get_group()), module)
+        _HeadsForward("rowwise", span, mesh.get_group()).install(module)
         return module

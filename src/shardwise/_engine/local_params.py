@@ -6,7 +6,7 @@ local shard. Routing that through ``DTensor.to_local()`` costs an autograd Funct
 ``DTensor.from_local`` per parameter per step. Instead the local tensor inside the
 parameter is made an autograd leaf itself, and its gradient is moved into
 ``param.grad``, as a DTensor with the parameter's own spec, when the backward pass ends
-(:mod:`shardwise.grad_handoff`).
+(:mod:`shardwise._engine.grad_handoff`).
 
 A parameter whose local tensor was swapped in by someone else (``module.to(...)``, or
 FSDP's unsharded parameters) is adopted on first use; its gradients are handed over as
@@ -45,7 +45,7 @@ def install_local_leaf(
     """Make ``param``'s local tensor a gradient-tracking leaf owned by ``param``.
 
     Gradients reach ``param.grad`` when the backward pass ends, all at once (see
-    :mod:`shardwise.grad_handoff`); with ``at_once`` each is handed over as soon as autograd has
+    :mod:`shardwise._engine.grad_handoff`); with ``at_once`` each is handed over as soon as autograd has
     accumulated it, for parameters another framework's hooks read during backward.
     With ``sum_grads_over``, each gradient is all-reduced over that group before it is
     handed to ``param.grad`` (replicated weights applied to sequence-sharded inputs).

@@ -14,14 +14,14 @@ Example::
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import Replicate
 
+from .forward import ParallelForward, check_not_parallelized
 from .local_params import distribute_parameter, local_param
 
 __all__ = ["NORM_TYPES", "check_norm", "is_norm", "shard_norm"]
@@ -49,19 +49,26 @@ def check_norm(module: nn.Module, fqn: str) -> None:
 
         >>> check_norm(nn.LayerNorm(8), "ln1")
     """
-    name = fqn or type(module).__name__
-    if any(isinstance(p, DTensor) for p in module.parameters(recurse=False)):
-        raise RuntimeError(f"'{name}' is already parallelized (its weight is a DTensor).")
+    check_not_parallelized(module, fqn)
 
 
-def _layer_norm_forward(module: nn.LayerNorm, x: Any, *args: Any, **kwargs: Any) -> Any:
-    return F.layer_norm(
-        x, module.normalized_shape, local_param(module.weight), local_param(module.bias), module.eps
-    )
+class _NormForward(ParallelForward):
+    """LayerNorm/RMSNorm on whatever sequence shard it is given (no collective in forward)."""
 
+    def __init__(self, module: nn.Module, mesh: DeviceMesh) -> None:
+        self.group = mesh.get_group()
+        self.layer_norm = isinstance(module, nn.LayerNorm)
 
-def _rms_norm_forward(module: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-    return F.rms_norm(x, module.normalized_shape, local_param(module.weight), module.eps)
+    def __repr__(self) -> str:
+        return "_NormForward()"
+
+    def __call__(self, module: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.layer_norm:
+            return F.layer_norm(
+                x, module.normalized_shape, local_param(module.weight), local_param(module.bias),
+                module.eps,
+            )
+        return F.rms_norm(x, module.normalized_shape, local_param(module.weight), module.eps)
 
 
 def shard_norm(module: nn.Module, mesh: DeviceMesh) -> nn.Module:
@@ -76,6 +83,4 @@ def shard_norm(module: nn.Module, mesh: DeviceMesh) -> nn.Module:
     """
     for name, _ in list(module.named_parameters(recurse=False)):
         distribute_parameter(module, name, mesh, Replicate(), sum_grads=True)
-    forward = _layer_norm_forward if isinstance(module, nn.LayerNorm) else _rms_norm_forward
-    module.forward = types.MethodType(forward, module)
-    return module
+    return _NormForward(module, mesh).install(module)

@@ -4,7 +4,7 @@
 module a forward that computes on local shards. Its input and output handling is a
 :class:`~shardwise.layouts.ModuleIO`: the seed's layout functions and torch 2.x's
 ``input_layouts``/``output_layouts`` both become placements, and each placement
-transition one autograd-aware collective from :mod:`shardwise.collectives`. A user's own
+transition one autograd-aware collective from :mod:`shardwise._engine.collectives`. A user's own
 function, or a transition with no local recipe, runs through DTensor (slower, same values).
 
 Features that the tensor-parallel size does not divide are split like ``torch.chunk``
@@ -19,7 +19,6 @@ Example::
 from __future__ import annotations
 
 import functools
-import types
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -30,8 +29,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
+from ..layouts import ModuleIO, PrepareFn, Role, io_from_functions, normalize
 from . import collectives as C
-from .layouts import ModuleIO, PrepareFn, Role, io_from_functions, normalize
+from .forward import ParallelForward, check_not_parallelized
 from .local_params import distribute_parameter, local_param
 from .redistribute import input_to_local, output_from_local
 
@@ -78,8 +78,7 @@ def check_linear(module: nn.Module, fqn: str, role: Role, world: int) -> None:
             f"Expect a torch.nn.Linear module but received {type(module)}! "
             f"({role} style on '{name}')"
         )
-    if isinstance(module.weight, DTensor):
-        raise RuntimeError(f"'{name}' is already parallelized (its weight is a DTensor).")
+    check_not_parallelized(module, name)
     features, label = (
         (module.out_features, "out_features")
         if role == "colwise"
@@ -159,7 +158,7 @@ def _drop_entry(key: tuple[Any, ...], _source: Any) -> None:
     _SHARED.pop(key, None)
 
 
-class ShardedLinearForward:
+class ShardedLinearForward(ParallelForward):
     """The forward installed on a parallelized ``nn.Linear`` (bound to it as a method)."""
 
     def __init__(self, role: Role, mesh: DeviceMesh, io: ModuleIO, module: nn.Linear) -> None:
@@ -168,6 +167,9 @@ class ShardedLinearForward:
         self.group = mesh.get_group()
         self.first = mesh.get_local_rank() == 0
         self.io = io
+        self.input_layout = io.input_layout if io.input_fn is None else None
+        self.output_layout = io.output_layout if io.output_fn is None else None
+        self.uneven_input_ok = role == "rowwise"  # computes on its feature slice as given
         # The global size of the sharded feature dimension.
         self.features = module.out_features if role == "colwise" else module.in_features
         plain = io.input_fn is None and io.output_fn is None and io.use_local_output
@@ -290,8 +292,7 @@ def parallelize_linear(module: nn.Linear, mesh: DeviceMesh, role: Role, io: Modu
     """
     for name, placement in linear_placements(role).items():
         distribute_parameter(module, name, mesh, placement)
-    forward = ShardedLinearForward(role, mesh, io, module)
-    module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
+    ShardedLinearForward(role, mesh, io, module).install(module)
     return module
 
 

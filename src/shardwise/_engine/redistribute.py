@@ -2,7 +2,7 @@
 
 Parallelized modules and the ``PrepareModule*`` hooks describe their inputs and outputs
 with DTensor placements but compute on local tensors. :func:`local_redistribute` turns
-a transition into at most one collective from :mod:`shardwise.collectives`; for the
+a transition into at most one collective from :mod:`shardwise._engine.collectives`; for the
 transitions it has no recipe for it returns ``None`` and the caller falls back to
 DTensor's ``redistribute`` (same values, more overhead).
 
@@ -37,8 +37,8 @@ from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Shard
 
+from ..layouts import ModuleIO, normalize
 from . import collectives as C
-from .layouts import ModuleIO, normalize
 
 __all__ = ["global_shape", "input_to_local", "local_redistribute", "output_from_local", "wrap"]
 

@@ -1,7 +1,7 @@
 """Moving gradients from local leaves to their DTensor parameters, once per backward pass.
 
 shardwise computes with each parameter's local shard, made an autograd leaf of its own
-(:mod:`shardwise.local_params`); autograd accumulates the gradient there, and it has to
+(:mod:`shardwise._engine.local_params`); autograd accumulates the gradient there, and it has to
 end up in ``param.grad`` as a DTensor. Doing that in each leaf's post-accumulate-grad
 hook costs more than it seems: a hook runs between large kernels, with the
 interpreter's caches cold, and there every line of Python costs microseconds (about
@@ -32,15 +32,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
-from torch.distributed.tensor import DTensor
+
+from .torch_compat import current_graph_task_id, dtensor_like, queue_engine_callback
 
 __all__ = ["HANDOFF", "GradHandoff", "hand_off"]
 
 _Entry = tuple[torch.Tensor, "weakref.ref[nn.Parameter]", "ProcessGroup | None"]
 
-_queue_callback = torch.autograd.Variable._execution_engine.queue_callback
-# Private in torch; without it every gradient is handed over as soon as it arrives.
-_current_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
 
 
 def hand_off(
@@ -66,9 +64,7 @@ def hand_off(
         dist.all_reduce(grad, group=group)
     owner_grad = owner.grad
     if owner_grad is None:
-        # ``DTensor.__new__`` (C++ in recent torch) without the Python ``__init__``
-        # wrappers, which do nothing here and cost twice as much as the tensor itself.
-        owner.grad = DTensor.__new__(DTensor, grad, owner._spec, requires_grad=False)  # type: ignore[attr-defined]
+        owner.grad = dtensor_like(grad, owner)  # type: ignore[arg-type]
     else:
         owner_grad._local_tensor.add_(grad)  # type: ignore[attr-defined]
 
@@ -121,7 +117,7 @@ class GradHandoff:
         With ``at_once`` (or without torch's graph-task id) the hook hands the gradient
         over itself, as soon as autograd has accumulated it.
         """
-        task_id = _current_graph_task_id
+        task_id = current_graph_task_id
         if at_once or task_id is None:
             return functools.partial(_hand_off_now, owner_ref, group)
 
@@ -140,7 +136,7 @@ class GradHandoff:
         entries = self.pending.get(task)
         if entries is None:
             entries = self.pending[task] = []
-            _queue_callback(_EndOfPass(self, task))
+            queue_engine_callback(_EndOfPass(self, task))
         self.task, self.current = task, entries
         return entries
 

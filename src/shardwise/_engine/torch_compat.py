@@ -1,0 +1,101 @@
+"""Every private torch API shardwise uses, in one place, each with why and since when.
+
+Names that can be imported are imported here and nowhere else. A few private
+*attributes* are read where they are used, on the hot path, where a wrapper call would
+cost more than the read itself; they are listed in the table below so that a torch
+upgrade has one page to check. ``tests/`` pins torch 2.13; ``pyproject.toml`` declares
+``torch>=2.5``, and every entry here exists from 2.5 on unless it says otherwise.
+
+Attributes read in place:
+
+==================================  =====================================  ==================================
+attribute                           where                                  why
+==================================  =====================================  ==================================
+``DTensor._local_tensor``           local_params, sharded_linear,          the local leaf a parameter's
+                                    grad_handoff, checkpoint               forward runs on, without a view
+``DTensor._spec``                   grad_handoff (:func:`dtensor_like`)    a gradient with its parameter's
+                                                                           layout, without redistribution
+``Tensor._base``, ``._version``     sharded_linear (entry cache),          which activation a view is, and
+                                    attention_heads                        whether it changed in place
+``Module._parameters``              sharded_linear, ties, local_params     the registered parameter itself,
+                                                                           bypassing ``__getattr__``
+``MultiheadAttention.``             multihead_attention_tp                 nn.MultiheadAttention's own flag
+``_qkv_same_embed_dim``                                                    for one packed in-projection
+==================================  =====================================  ==================================
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+
+__all__ = [
+    "DropoutBase",
+    "StridedShard",
+    "check_fsdp_extension_machinery",
+    "current_graph_task_id",
+    "dtensor_like",
+    "foreach_mul_",
+    "queue_engine_callback",
+]
+
+# ``_StridedShard``: a dim split into ``split_factor`` interleaved parts before sharding.
+# FSDP2 + TP use it themselves; shardwise uses it for GPT-2's fused q|k|v ``c_attn``
+# (hf/conv1d.py) so the parameter keeps its name and its checkpoint layout. Since 2.5.
+from torch.distributed.tensor.placement_types import _StridedShard as StridedShard  # noqa: E402
+
+# ``_DropoutNd``: the base of every dropout module (Dropout, Dropout1d/2d/3d,
+# AlphaDropout, FeatureAlphaDropout); one isinstance instead of a list that misses one.
+DropoutBase: type[nn.Module] = nn.modules.dropout._DropoutNd
+
+# The autograd engine's ``queue_callback``: run a function once when the current
+# backward pass ends (grad_handoff hands gradients over there, once per pass).
+queue_engine_callback = torch.autograd.Variable._execution_engine.queue_callback
+
+# ``torch._C._current_graph_task_id``: which backward pass is running, so reentrant
+# checkpointing's inner passes hand over only their own leaves. ``None`` where missing
+# (then every gradient is handed over as soon as it arrives).
+current_graph_task_id: Any = getattr(torch._C, "_current_graph_task_id", None)
+
+# ``torch._foreach_mul_``: one kernel launch to scale every gradient (clip_grad), as
+# ``torch.nn.utils.clip_grad_norm_`` itself does.
+foreach_mul_ = torch._foreach_mul_
+
+
+def dtensor_like(local: torch.Tensor, like: DTensor) -> DTensor:
+    """A DTensor holding ``local`` with ``like``'s layout (``DTensor.__new__`` with its spec).
+
+    Skips the Python ``__init__``/``from_local`` wrappers, which do nothing here and cost
+    twice as much as the tensor itself (a gradient handed over per parameter per step).
+    """
+    return DTensor.__new__(DTensor, local, like._spec, requires_grad=False)
+
+
+def check_fsdp_extension_machinery() -> None:
+    """Raise if a piece the FSDP x TP path relies on is missing from this torch.
+
+    FSDP1 flattens TP's DTensor parameters through ``torch.distributed.fsdp.
+    _fsdp_extensions`` and decides per instance, in ``_init_utils._init_extension``,
+    whether its ``device_mesh`` is a slice of a larger root mesh
+    (``DeviceMesh._get_root_mesh``); FSDP2 is ``fully_shard``. All private; all since 2.2.
+    """
+    ext = importlib.import_module("torch.distributed.fsdp._fsdp_extensions")
+    for name in ("FSDPExtensions", "_ext_pre_flatten_transform", "_ext_post_unflatten_transform"):
+        if not hasattr(ext, name):
+            raise AttributeError(f"torch.distributed.fsdp._fsdp_extensions has no {name}")
+    init_utils = importlib.import_module("torch.distributed.fsdp._init_utils")
+    if not callable(getattr(init_utils, "_init_extension", None)):
+        raise AttributeError("torch.distributed.fsdp._init_utils has no _init_extension")
+    if not hasattr(DeviceMesh, "_get_root_mesh"):
+        raise AttributeError("DeviceMesh has no _get_root_mesh (needed to detect a sliced mesh)")
+    fsdp = importlib.import_module("torch.distributed.fsdp")
+    if "device_mesh" not in inspect.signature(fsdp.FullyShardedDataParallel.__init__).parameters:
+        raise TypeError("FullyShardedDataParallel does not accept device_mesh=")
+    if not callable(getattr(fsdp, "fully_shard", None)):
+        raise AttributeError("torch.distributed.fsdp has no fully_shard (FSDP2)")
