@@ -30,7 +30,7 @@ from shardwise.hf import (
 )
 from shardwise.style import ColwiseParallel, RowwiseParallel
 from shardwise.testing import expect_raises, mesh_of
-from shardwise.testing.comms import comm_counts
+from shardwise.testing.comms import ALL_GATHER, comm_counts
 from shardwise.testing.tolerance import assert_close_at_scale, largest_magnitude, tolerance
 
 pytest.importorskip("transformers")  # shardwise.hf itself does not import it
@@ -139,12 +139,12 @@ def _tol(model: torch.nn.Module, steps: int) -> float:
 
 # -- bodies (module level: the rank pool imports them by name) ------------------------------
 def _parity(
-    world: int, kind: str, overrides: dict[str, Any] | None = None, vocab_parallel: bool = False
+    world: int, kind: str, overrides: dict[str, Any] | None = None, vocab_parallel: bool = True
 ) -> dict[str, Any]:
     torch.manual_seed(0)
     ref = _build(kind, **(overrides or {}))
     tp = copy.deepcopy(ref)
-    plan = auto_plan(tp, tp_size=world, vocab_parallel=True) if vocab_parallel else "auto"
+    plan = "auto" if vocab_parallel else auto_plan(tp, tp_size=world, vocab_parallel=False)
     tp = parallelize_module(tp, mesh_of(world), plan)
     # eps above the float32 noise of near-zero gradients: Adam would otherwise turn a
     # 1e-9 difference in such a gradient into a full +-lr step of different sign.
@@ -262,9 +262,13 @@ def _errors(world: int) -> list[str]:
     return msgs
 
 
-def _collective_counts(world: int, kind: str) -> tuple[dict[str, int], dict[str, int]]:
+def _collective_counts(
+    world: int, kind: str, vocab_parallel: bool
+) -> tuple[dict[str, int], dict[str, int]]:
     torch.manual_seed(0)
-    tp = parallelize_hf(_build(kind), mesh_of(world))
+    model = _build(kind)
+    plan = auto_plan(model, tp_size=world, vocab_parallel=vocab_parallel)
+    tp = parallelize_hf(model, mesh_of(world), plan)
     ids, _ = _batch(0)
     with CommDebugMode() as fwd:
         loss = tp(input_ids=ids, labels=ids).loss
@@ -282,6 +286,8 @@ def test_hf_parity(pools, world, kind):
     assert first["grads"] > 0 and all(r == first for r in reports)
     assert first["tied"] == (kind in ("gpt2", "llama_gqa", "bert"))
     assert first["sharded"] > 0  # DTensor parameters at every size, 1 included
+    # The default plan shards the vocabulary (BERT's, tied to its decoder bias too, not).
+    assert first["embedding"] == ("Parameter" if kind == "bert" else "DTensor")
     if kind != "bert":
         assert len(first["tokens"][0]) == PROMPT + NEW
 
@@ -289,16 +295,16 @@ def test_hf_parity(pools, world, kind):
 @pytest.mark.parametrize(
     ("kind", "world", "overrides"),
     [("gpt2", 2, {}), ("gpt2", 4, {}), ("llama_gqa", 4, {"vocab_size": 130}), ("qwen2", 2, {})],
-    ids=["gpt2-2-tied", "gpt2-4-tied", "llama_gqa-4-tied-uneven-vocab", "qwen2-2-untied"],
+    ids=["gpt2-2-tied", "gpt2-4-tied", "llama_gqa-4-tied", "qwen2-2-untied"],
 )
-def test_hf_vocab_parallel(pools, kind, world, overrides):
-    # Embeddings sharded over the vocabulary (130 rows on 4 ranks: 33, 33, 33, 31); a tied
-    # head keeps sharing their one Shard(0) parameter. Same logits, loss, gradients, steps
+def test_hf_vocab_parallel_off(pools, kind, world, overrides):
+    # vocab_parallel=False: the input embeddings stay replicated, and a tied head with
+    # them (an untied one is still column-parallel). Same logits, loss, gradients, steps
     # and generate() as the single-device model.
-    reports = pools(world).run(_parity, world, kind, overrides, True)
+    reports = pools(world).run(_parity, world, kind, overrides, False)
     first = reports[0]
     assert first["grads"] > 0 and all(r == first for r in reports)
-    assert first["embedding"] == "DTensor"
+    assert first["embedding"] == "Parameter"
     assert first["tied"] == (kind != "qwen2")
     assert len(first["tokens"][0]) == PROMPT + NEW
 
@@ -338,8 +344,15 @@ def test_collective_counts(pools, kind, world, backward):
     # KV heads replicated (4 ranks, 2 KV heads) q (ColwiseParallel) and k/v (ColwiseHeads)
     # still share one input all-reduce; k's and v's weight gradients (partial on each
     # rank) are all-reduced: 4 per layer.
-    fwd, bwd = pools(world).run(_collective_counts, world, kind)[0]
+    fwd, bwd = pools(world).run(_collective_counts, world, kind, False)[0]
     assert fwd == {AR: 4} and bwd == {AR: backward}
+
+
+def test_collective_counts_vocab_parallel(pools):
+    # The default plan adds, in forward, the embedding's all-reduce and the all-gather of
+    # the logits; in backward, the all-reduce of the head's input gradient (f).
+    fwd, bwd = pools(2).run(_collective_counts, 2, "gpt2", True)[0]
+    assert fwd == {AR: 5, ALL_GATHER: 1} and bwd == {AR: 5}
 
 
 def test_auto_plan_is_a_printable_dict():
@@ -348,7 +361,10 @@ def test_auto_plan_is_a_printable_dict():
     assert list(llama)[:2] == ["model.layers.*.self_attn", "model.layers.*.self_attn.q_proj"]
     assert isinstance(llama["model.layers.*.self_attn"], AttentionHeads)
     assert isinstance(llama["model.layers.*.mlp.down_proj"], RowwiseParallel)
-    assert "lm_head" not in llama  # tied to the embeddings: stays replicated
+    # The vocabulary is sharded: embeddings by rows, the tied head with them.
+    assert isinstance(llama["model.embed_tokens"], RowwiseParallel)
+    assert isinstance(llama["lm_head"], ColwiseParallel)
+    assert "lm_head" not in auto_plan(_build("llama_gqa"), vocab_parallel=False)  # tied: whole
     assert "AttentionHeads(heads=4, kv_heads=2, head_dim=16)" in repr(llama)
     qwen = auto_plan(_build("qwen2"), tp_size=4)
     assert isinstance(qwen["lm_head"], ColwiseParallel)  # untied: colwise, logits gathered

@@ -8,7 +8,9 @@ Example::
     >>> model = shardwise.parallelize_module(model, mesh, shardwise.PairwiseParallel())
 """
 
+from . import hf as hf  # registers Hugging Face models with auto_plan
 from .api import parallelize_module
+from .auto import auto_plan, register_auto_plan
 from .clip_grad import clip_grad_norm_
 from .expand import expand_plan
 from .fsdp import enable_2d_with_fsdp
@@ -50,6 +52,7 @@ __all__ = [
     "SequenceParallel",
     "TensorParallelMultiheadAttention",
     "VerifyResult",
+    "auto_plan",
     "clip_grad_norm_",
     "enable_2d_with_fsdp",
     "expand_plan",
@@ -65,5 +68,6 @@ __all__ = [
     "make_sharded_output_tensor",
     "parallelize_module",
     "verify",
+    "register_auto_plan",
     "vocab_parallel_cross_entropy",
 ]

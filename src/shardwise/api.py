@@ -21,6 +21,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from .agreement import agree_on_plan, check_not_wrapped
+from .auto import auto_plan
 from .expand import Plan, check_entries, expand_entries
 from .mesh import default_mesh, tp_submesh
 from .style_base import ParallelStyle, PlanContext
@@ -58,7 +59,7 @@ def parallelize_module(
         parallelize_plan: one :class:`ParallelStyle` for the whole module, or a dict
             from FQN (atoms may be globs such as ``"layers.*.mlp"``) to a style or a
             nested dict. A key that matches nothing is an error. ``"auto"`` applies
-            :func:`shardwise.hf.auto_plan` to a Hugging Face model.
+            :func:`shardwise.auto_plan` (e.g. to a Hugging Face model).
         tp_mesh_dim: the mesh dimension to shard over; must lie in ``[-ndim, ndim)``.
 
     Weights are taken from TP-mesh coordinate 0 and scattered; what other ranks held is
@@ -74,8 +75,6 @@ def parallelize_module(
     if isinstance(module, nn.Module):
         check_not_wrapped(module)  # DDP/FSDP must wrap the parallelized model, not the reverse
     if parallelize_plan == "auto":
-        from .hf import auto_plan  # imported here: hf.plans imports this module
-
         mesh = default_mesh() if device_mesh is None else device_mesh
         if not isinstance(mesh, DeviceMesh):
             raise TypeError(f"device_mesh must be a DeviceMesh, got {type(mesh).__name__}")

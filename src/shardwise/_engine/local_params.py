@@ -28,7 +28,9 @@ from torch.distributed.tensor import DTensor, Placement, distribute_tensor
 
 from .grad_handoff import _OWNER, HANDOFF
 
-__all__ = ["distribute_parameter", "install_local_leaf", "local_param"]
+__all__ = ["distribute_parameter", "install_local_leaf", "local_param", "with_local_tensor"]
+
+_SUM_OVER = "_shardwise_sum_grads_over"  # the group given to install_local_leaf
 
 
 def install_local_leaf(
@@ -58,6 +60,7 @@ def install_local_leaf(
     # sees (both live in the tensors' Python state), and the hook finds the owner here.
     setattr(local, _OWNER, param)
     local.register_post_accumulate_grad_hook(HANDOFF.hook(sum_grads_over, at_once=at_once))
+    setattr(local, _SUM_OVER, sum_grads_over)
 
 
 def local_param(param: torch.Tensor | None) -> torch.Tensor | None:
@@ -110,3 +113,26 @@ def distribute_parameter(
     new = nn.Parameter(dt, requires_grad=param.requires_grad)
     module.register_parameter(name, new)
     install_local_leaf(new, sum_grads_over=mesh.get_group() if sum_grads and mesh.size() > 1 else None)
+
+
+def with_local_tensor(param: nn.Parameter, local: torch.Tensor) -> nn.Parameter:
+    """A new DTensor parameter like ``param`` (same mesh, placements, global shape) holding
+    ``local`` as this rank's shard, its gradient handed over as ``param``'s was.
+
+    This materializes a model parallelized on the meta device: ``local`` is the real
+    shard (any dtype); no collective runs.
+
+    Example::
+
+        >>> linear.weight = with_local_tensor(linear.weight, torch.empty(local_shape))
+    """
+    assert isinstance(param, DTensor)
+    dt = DTensor.from_local(
+        local, param.device_mesh, param.placements, run_check=False,
+        shape=param.shape, stride=param.stride(),
+    )
+    new = nn.Parameter(dt, requires_grad=param.requires_grad)
+    old = param._local_tensor
+    if getattr(old, _OWNER, None) is not None:
+        install_local_leaf(new, getattr(old, _SUM_OVER, None))
+    return new

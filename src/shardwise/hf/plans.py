@@ -19,11 +19,12 @@ BERT       query/key/value Colwise, attention.output.dense      intermediate.den
            Rowwise                                              output.dense Rowwise
 =========  ===================================================  ==============================
 
-An untied ``lm_head`` is column-parallel with its logits gathered (HF's
-``colwise_gather_output``), so every model still returns full, single-device logits.
-The input embeddings, and a tied head with them, stay replicated unless
-``auto_plan(..., vocab_parallel=True)``: then they are vocabulary-parallel and the tied
-weight stays one ``Shard(0)`` parameter.
+The vocabulary is sharded too: the input embeddings are vocabulary-parallel
+(``RowwiseParallel``, ``Shard(0)``) and the output head column-parallel with its logits
+gathered (HF's ``colwise_gather_output``), so every model still returns full,
+single-device logits; a tied head and its embeddings stay one ``Shard(0)`` parameter.
+``auto_plan(..., vocab_parallel=False)`` keeps the input embeddings, and a tied head with
+them, replicated (an untied head is still column-parallel).
 
 Example::
 
@@ -46,6 +47,7 @@ from torch.distributed.tensor import Replicate
 
 from ..api import parallelize_module
 from ..attention_heads import AttentionHeads, ColwiseHeads, RowwiseHeads, head_layout
+from ..auto import register_auto_plan
 from ..layouts import make_input_replicate_1d, make_output_tensor
 from ..mesh import tp_submesh
 from ..style import ColwiseParallel, ParallelStyle, RowwiseParallel
@@ -325,14 +327,14 @@ _STRUCTURAL: dict[str, Callable[[nn.Module, Any, int | None], dict[str, Parallel
 
 
 def auto_plan(
-    model: nn.Module, *, tp_size: int | None = None, vocab_parallel: bool = False
+    model: nn.Module, *, tp_size: int | None = None, vocab_parallel: bool = True
 ) -> dict[str, ParallelStyle]:
     """A tensor-parallel plan for a Hugging Face model: FQN glob -> shardwise style.
 
     Supported: ``model_type`` in :data:`SUPPORTED_MODEL_TYPES` (Llama, Mistral, Qwen2,
     GPT-2, BERT), as base models or with their heads (``*ForCausalLM``,
-    ``GPT2LMHeadModel``, ``BertForMaskedLM``, ...). Cross-attention stays replicated, and
-    so do the embeddings and a tied output head unless ``vocab_parallel``.
+    ``GPT2LMHeadModel``, ``BertForMaskedLM``, ...). Cross-attention and position
+    embeddings stay replicated.
 
     Args:
         model: a ``transformers`` ``PreTrainedModel``.
@@ -343,9 +345,10 @@ def auto_plan(
             With a size, attention whose heads do not split evenly gets
             :class:`~shardwise.attention_heads.ColwiseHeads`/``RowwiseHeads`` (key/value heads
             replicated, query heads split by key/value group).
-        vocab_parallel: also shard the input embeddings over the vocabulary, and a tied
-            output head with them (one parameter, ``Shard(0)``). Off by default: it saves
-            ``vocab x hidden / N`` per rank for one more all-reduce per forward.
+        vocab_parallel: shard the input embeddings over the vocabulary, and a tied
+            output head with them (one parameter, ``Shard(0)``). On by default: it saves
+            ``vocab x hidden x (N-1)/N`` per rank for one more all-reduce per forward.
+            ``False`` leaves them replicated (an untied head stays column-parallel).
 
     Example::
 
@@ -403,3 +406,10 @@ def parallelize_hf(
     if plan is None:
         plan = auto_plan(model, tp_size=tp_submesh(mesh, tp_mesh_dim).size())
     return parallelize_module(model, mesh, plan, tp_mesh_dim=tp_mesh_dim)
+
+
+def _is_hf_model(model: nn.Module) -> bool:
+    return hasattr(getattr(model, "config", None), "model_type")
+
+
+register_auto_plan("huggingface", _is_hf_model, auto_plan)

@@ -1,0 +1,88 @@
+"""The package imports in a DAG: no module of shardwise imports, however late, one that imports it back.
+
+Every ``import``/``from ... import`` in ``src/shardwise`` is read with ``ast``, at module
+level and inside functions alike (a function-level import is still a dependency), and the
+graph of shardwise modules must have no cycle.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import shardwise
+
+ROOT = Path(shardwise.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = ["shardwise", *path.relative_to(ROOT).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, name: str, known: set[str]) -> set[str]:
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(max(node.level - 1, 0)):
+                base = base.rpartition(".")[0]
+            target = (f"{base}.{node.module}" if node.module else base) if node.level else node.module
+            if target is None:
+                continue
+            for alias in node.names:  # ``from . import collectives`` imports a module
+                if f"{target}.{alias.name}" in known:
+                    found.add(f"{target}.{alias.name}")
+            found.add(target)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {t for t in found if t in known and t != name}
+
+
+def _graph() -> dict[str, set[str]]:
+    files = {_module_name(p): p for p in ROOT.rglob("*.py")}
+    known = set(files)
+    return {name: _imports(path, name, known) for name, path in files.items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            # A package's __init__ importing its own submodules is how packages work.
+            if node == nxt.rpartition(".")[0] or nxt == node.rpartition(".")[0]:
+                continue
+            if state.get(nxt) == 1:
+                return [*stack[stack.index(nxt):], nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_package_imports_in_a_dag():
+    graph = _graph()
+    assert "shardwise.api" in graph and "shardwise._engine.sharded_linear" in graph
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])
+
+
+def test_the_checker_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_the_core_does_not_import_hugging_face_code():
+    graph = _graph()
+    core = {"shardwise.api", "shardwise.expand", "shardwise.style", "shardwise.auto"}
+    for name in core:
+        assert not {m for m in graph[name] if m.startswith("shardwise.hf")}, name
