@@ -177,10 +177,16 @@ class _ReduceFromRegion(torch.autograd.Function):
 
 def _gather(x: torch.Tensor, group: ProcessGroup, dim: int, size: int | None) -> torch.Tensor:
     """``all_gather_along``; with an unknown ``size`` on gloo (CPU), :func:`gather_sized`."""
-    if size is None and x.device.type == "cpu" and dist.get_world_size(group) > 1:
+    if (
+        size is None
+        and x.device.type == "cpu"
+        and dist.get_world_size(group) > 1
+        and not torch.compiler.is_compiling()
+    ):
         # Pieces whose lengths the caller cannot vouch for (a user's sequence split): the
         # sized gather takes uneven torch.chunk pieces and raises on every rank, instead
         # of letting gloo abort the process, when the ranks' pieces do not fit together.
+        # (Compiled graphs keep the plain gather: the sized one reads sizes on the host.)
         from .sized_gather import gather_sized
 
         return gather_sized(x, group, dim)
