@@ -8,11 +8,11 @@ catch it.
 
 :func:`gather_sized` sends, in the same single all-gather, a small header (each rank's
 shape and dtype) in front of its payload, padded to a byte capacity that every rank
-of the group agrees on: the largest payload of the group's previous sized gather. So in
-steady state (the same shapes step after step) it is one collective, as before, plus
-copying the local piece in and the gathered pieces out. When a payload outgrows the
-capacity, the headers say so on every rank at once, and every rank repeats the gather
-with the new capacity (two collectives, that time only).
+of the group agrees on: the largest payload of the group's sized gathers so far. So in
+steady state (shapes it has seen before) it is one collective, as before, plus copying
+the local piece in and the gathered pieces out. When a payload outgrows the capacity,
+the headers say so on every rank at once, and every rank repeats the gather with the
+new capacity (two collectives, that time only: the first step, or a longer sequence).
 
 Then every rank checks the same headers: pieces that agree in every dimension but the
 gathered one, with lengths in ``torch.chunk`` layout (``3 + 2`` for 5 on 2 ranks, the
@@ -168,11 +168,13 @@ def gather_sized(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor
         if any(h[0] != _MAGIC for h in heads):
             _check(heads, dim, x.dtype, world)  # raises
         top = max(h[4] for h in heads)
-        # Every rank read the same headers, so every rank sets the same capacity.
-        _CAPACITY[key] = -(-top // _ALIGN) * _ALIGN
         if top <= cap:
             break
-        cap = _CAPACITY[key]  # someone's piece did not fit: again, with room for all
+        # Someone's piece did not fit: again, with room for all. Every rank read the same
+        # headers, so every rank sets the same capacity. It never shrinks, so a group
+        # that gathers pieces of several sizes pads the smaller ones rather than paying a
+        # second collective whenever a larger one follows.
+        cap = _CAPACITY[key] = -(-top // _ALIGN) * _ALIGN
     rows = _check(heads, dim, x.dtype, world)
     rest = tuple(xt.shape[1:])
     if need == cap and all(h[4] == need for h in heads):

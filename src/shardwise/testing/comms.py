@@ -37,13 +37,17 @@ def comm_counts(comm: CommDebugMode) -> dict[str, int]:
 
 
 def fwd_bwd_counts(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, int], dict[str, int]]:
-    """Collectives of one forward and of its backward (loss: sum of the local output).
+    """Collectives of one forward and of its backward (loss: sum of the local output), after a warm-up forward.
 
     Example::
 
         >>> fwd_bwd_counts(parallelize_module(mlp, mesh, PairwiseParallel()), x)
         ({'allreduce_': 1}, {'allreduce_': 1})
     """
+    # One forward first: the first sequence-parallel gather of a new size also agrees on
+    # a buffer capacity (a second all-gather, once; see shardwise.sized_gather).
+    with torch.no_grad():
+        model(x.detach())
     if x.is_floating_point():
         x = x.requires_grad_()
     with CommDebugMode() as fwd:
