@@ -257,6 +257,8 @@ def _comm_counts(world: int, sequence: bool, need_weights: bool) -> tuple[dict, 
     style = SequenceParallel() if sequence else PairwiseParallel()
     tpma = parallelize_module(nn.MultiheadAttention(E, H), mesh_of(world), style)
     x = torch.randn(L // world if sequence else L, N, E, requires_grad=True)
+    with torch.no_grad():  # warm-up: a first sequence gather also agrees on its buffer size
+        tpma(x, x, x, need_weights=need_weights)
     with CommDebugMode() as fwd:
         out, _ = tpma(x, x, x, need_weights=need_weights)
     with CommDebugMode() as bwd:

@@ -542,6 +542,21 @@ def test_dtensor_outputs_and_placements(pools):
 def _runtime_errors(world: int) -> list[str]:
     mesh = mesh_of(world)
     msgs = []
+    # Valid setups, built first: a valid plan's ranks agree on it in one all-gather.
+    m_in = parallelize_module(
+        nn.Identity(),
+        mesh,
+        PrepareModuleInput(
+            input_layouts=(Shard(0), Replicate()), desired_input_layouts=(Replicate(), Shard(0))
+        ),
+    )
+    m_out = parallelize_module(
+        nn.Identity(),
+        mesh,
+        PrepareModuleOutput(
+            output_layouts=(Shard(0), None), desired_output_layouts=(Replicate(), None)
+        ),
+    )
     with CommDebugMode() as comms:
         msgs.append(
             expect_raises(
@@ -578,24 +593,10 @@ def _runtime_errors(world: int) -> list[str]:
                     match="out_features=3",
                 )
             )
-        m = parallelize_module(
-            nn.Identity(),
-            mesh,
-            PrepareModuleInput(
-                input_layouts=(Shard(0), Replicate()), desired_input_layouts=(Replicate(), Shard(0))
-            ),
-        )
-        msgs.append(expect_raises(ValueError, m, torch.ones(2, 4), match="same length"))
-        msgs.append(expect_raises(TypeError, m, torch.ones(2, 4), 3, match="input 1"))
-        m = parallelize_module(
-            nn.Identity(),
-            mesh,
-            PrepareModuleOutput(
-                output_layouts=(Shard(0), None), desired_output_layouts=(Replicate(), None)
-            ),
-        )
+        msgs.append(expect_raises(ValueError, m_in, torch.ones(2, 4), match="same length"))
+        msgs.append(expect_raises(TypeError, m_in, torch.ones(2, 4), 3, match="input 1"))
         msgs.append(
-            expect_raises(ValueError, m, torch.ones(2, 4), match="outputs and output_layouts")
+            expect_raises(ValueError, m_out, torch.ones(2, 4), match="outputs and output_layouts")
         )
     # The two parallelize_module calls that succeed agree on their plan (one all-gather
     # each, see shardwise.agreement); the errors themselves communicate nothing.

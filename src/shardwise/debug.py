@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -59,12 +60,13 @@ def _declared_inputs(model: nn.Module) -> Iterator[_Declared]:
 
 
 def _shape_code(x: torch.Tensor, free_dim: int | None) -> list[float]:
-    """ndim, then each size (``-1`` at the sharded dim and past the last dim)."""
+    """ndim, each size (``-1`` at the sharded dim and past the last dim), numel, dtype."""
     sizes = [float(s) for s in x.shape[:_MAX_DIMS]]
     if free_dim is not None and free_dim < len(sizes):
         sizes[free_dim] = -1.0
     sizes += [-1.0] * (_MAX_DIMS - len(sizes))
-    return [float(x.dim()), *sizes, float(x.numel()) if free_dim is None else -1.0]
+    dtype = float(zlib.crc32(str(x.dtype).encode()))  # the same number on every rank
+    return [float(x.dim()), *sizes, float(x.numel()) if free_dim is None else -1.0, dtype]
 
 
 def _value_code(x: torch.Tensor) -> list[float]:
@@ -115,6 +117,11 @@ class LayoutCheck:
         high, low = both[: len(code)], -both[len(code) :]
         self.checked += 1
         n = len(shape)
+        if high[n - 1] != low[n - 1]:
+            raise ValueError(
+                f"{d.label}: its input's dtype differs across the {world} ranks of its TP group; "
+                "every rank must pass the same dtype."
+            )
         if not torch.equal(high[:n], low[:n]):
             dims = [
                 f"dim {i - 1}: {int(lo)}..{int(hi)}"

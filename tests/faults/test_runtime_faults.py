@@ -139,6 +139,22 @@ def test_check_layouts_names_the_chunk_split(pools):
     )
 
 
+def _layout_check_dtype(world: int) -> tuple[str, str]:
+    torch.manual_seed(0)
+    model = parallelize_module(MLP(), mesh_of(world), PairwiseParallel())
+    x = torch.randn(4, 16)
+    # A float64 input on one rank raised on that rank only (the others then failed with
+    # "connection closed"); the debug mode checks it on every rank first.
+    with check_layouts(model):
+        return _outcome(lambda: model(x.double() if dist.get_rank() == 1 else x))
+
+
+def test_check_layouts_catches_a_dtype_on_one_rank(pools):
+    results = pools(2).run(_layout_check_dtype, 2, timeout=TIMEOUT)
+    assert results == [("ValueError", "'net1' (Linear): its input's dtype differs across the 2 "
+                        "ranks of its TP group; every rank must pass the same dtype.")] * 2
+
+
 # -- models that move after parallelize_module -----------------------------------------------
 def _moves(world: int) -> list[str]:
     mesh = mesh_of(world)

@@ -179,10 +179,16 @@ class _ReduceFromRegion(torch.autograd.Function):
 
 def _gather(x: torch.Tensor, group: ProcessGroup, dim: int, size: int | None) -> torch.Tensor:
     """``all_gather_along``; with an unknown ``size`` on gloo (CPU), :func:`gather_sized`."""
-    if size is None and x.device.type == "cpu" and dist.get_world_size(group) > 1:
+    if (
+        size is None
+        and x.device.type == "cpu"
+        and dist.get_world_size(group) > 1
+        and not torch.compiler.is_compiling()
+    ):
         # Pieces whose lengths the caller cannot vouch for (a user's sequence split): the
         # sized gather takes uneven torch.chunk pieces and raises on every rank, instead
         # of letting gloo abort the process, when the ranks' pieces do not fit together.
+        # (Compiled graphs keep the plain gather: the sized one reads sizes on the host.)
         return gather_sized(x, group, dim)
     return all_gather_along(x, group, dim, size)
 
@@ -266,7 +272,7 @@ def gather_from_region(
     The gradient is assumed replicated (every rank computes the same loss from the
     gathered tensor), as for a column-parallel layer whose output is gathered. ``size``
     is the global length of ``dim`` when pieces may be uneven (``torch.chunk`` layout);
-    without it, CPU tensors go through :func:`shardwise.sized_gather.gather_sized`, which
+    without it, CPU tensors go through :func:`shardwise._engine.sized_gather.gather_sized`, which
     learns the lengths in the same collective and raises on every rank if they do not fit.
 
     Example::

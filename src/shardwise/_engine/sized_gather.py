@@ -8,11 +8,11 @@ catch it.
 
 :func:`gather_sized` sends, in the same single all-gather, a small header (each rank's
 shape and dtype) in front of its payload, padded to a byte capacity that every rank
-of the group agrees on: the largest payload of the group's previous sized gather. So in
-steady state (the same shapes step after step) it is one collective, as before, plus
-copying the local piece in and the gathered pieces out. When a payload outgrows the
-capacity, the headers say so on every rank at once, and every rank repeats the gather
-with the new capacity (two collectives, that time only).
+of the group agrees on: the largest payload of the group's sized gathers so far. So in
+steady state (shapes it has seen before) it is one collective, as before, plus copying
+the local piece in and the gathered pieces out. When a payload outgrows the capacity,
+the headers say so on every rank at once, and every rank repeats the gather with the
+new capacity (two collectives, that time only: the first step, or a longer sequence).
 
 Then every rank checks the same headers: pieces that agree in every dimension but the
 gathered one, with lengths in ``torch.chunk`` layout (``3 + 2`` for 5 on 2 ranks, the
@@ -54,9 +54,31 @@ _ALIGN = 16
 _CAPACITY: dict[tuple[Any, ...], int] = {}
 
 
+_KEYS: dict[int, tuple[ProcessGroup, tuple[Any, ...]]] = {}
+_HEADERS: dict[tuple[Any, ...], torch.Tensor] = {}
+
+
 def _group_key(group: ProcessGroup) -> tuple[Any, ...]:
+    """A key naming ``group`` the same way on every rank (cached per group object)."""
+    found = _KEYS.get(id(group))
+    if found is not None and found[0] is group:
+        return found[1]
     name = getattr(group, "group_name", None)
-    return (name, tuple(dist.get_process_group_ranks(group))) if name else (id(group),)
+    key = (name, tuple(dist.get_process_group_ranks(group))) if name else (id(group),)
+    _KEYS[id(group)] = (group, key)
+    return key
+
+
+def _header_bytes(xt: torch.Tensor, ndim: int, dim: int, shape: tuple[int, ...], need: int) -> torch.Tensor:
+    """The header as bytes, cached per shape (a training loop repeats a few shapes)."""
+    key = (shape, dim, xt.dtype)
+    found = _HEADERS.get(key)
+    if found is None:
+        if len(_HEADERS) > 256:
+            _HEADERS.clear()
+        words = _header(xt, ndim, dim, shape, need)
+        found = _HEADERS[key] = torch.tensor(words, dtype=torch.int64).view(torch.uint8)
+    return found
 
 
 def _header(xt: torch.Tensor, ndim: int, dim: int, shape: tuple[int, ...], need: int) -> list[int]:
@@ -129,13 +151,13 @@ def gather_sized(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor
     xt = x.detach().movedim(dim, 0).contiguous() if ndim else x.detach().reshape(1)
     payload = xt.reshape(-1).view(torch.uint8)
     need = payload.numel()
-    header = torch.tensor(_header(xt, ndim, dim, tuple(x.shape), need), dtype=torch.int64)
+    header = _header_bytes(xt, ndim, dim, tuple(x.shape), need).to(x.device)
     key = _group_key(group)
     cap = _CAPACITY.get(key, 0)
     while True:
         slot = _HEADER + cap
-        send = torch.zeros(slot, dtype=torch.uint8, device=x.device)
-        send[:_HEADER] = header.view(torch.uint8)
+        send = torch.empty(slot, dtype=torch.uint8, device=x.device)  # padding is not read
+        send[:_HEADER] = header
         fits = min(need, cap)
         if fits:
             send[_HEADER : _HEADER + fits] = payload[:fits]
@@ -146,16 +168,21 @@ def gather_sized(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor
         if any(h[0] != _MAGIC for h in heads):
             _check(heads, dim, x.dtype, world)  # raises
         top = max(h[4] for h in heads)
-        # Every rank read the same headers, so every rank sets the same capacity.
-        _CAPACITY[key] = -(-top // _ALIGN) * _ALIGN
         if top <= cap:
             break
-        cap = _CAPACITY[key]  # someone's piece did not fit: again, with room for all
+        # Someone's piece did not fit: again, with room for all. Every rank read the same
+        # headers, so every rank sets the same capacity. It never shrinks, so a group
+        # that gathers pieces of several sizes pads the smaller ones rather than paying a
+        # second collective whenever a larger one follows.
+        cap = _CAPACITY[key] = -(-top // _ALIGN) * _ALIGN
     rows = _check(heads, dim, x.dtype, world)
     rest = tuple(xt.shape[1:])
-    pieces = [
-        table[r, _HEADER : _HEADER + heads[r][4]].view(x.dtype).view(rows[r], *rest)
-        for r in range(world)
-    ]
-    full = torch.cat(pieces)
+    if need == cap and all(h[4] == need for h in heads):
+        # Equal pieces that fill their slots (the steady state): one copy out.
+        full = table[:, _HEADER:].view(x.dtype).reshape(world * rows[0], *rest)
+    else:
+        full = torch.cat([
+            table[r, _HEADER : _HEADER + heads[r][4]].view(x.dtype).view(rows[r], *rest)
+            for r in range(world)
+        ])
     return full.movedim(0, dim) if ndim else full
