@@ -29,12 +29,15 @@ def pattern(fqn: str) -> str:
 
 
 def _bytes(n: int) -> str:
+    """``n`` bytes in binary units, switching unit at 1000 so no figure has four digits."""
+    if n < 1000:
+        return f"{n} B"
     value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.2f} {unit}" if unit != "B" else f"{n} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
         value /= 1024
-    return f"{value:.2f} TiB"  # pragma: no cover - the loop returns
+        if value < 1000 or unit == "TiB":
+            break
+    return f"{value:.2f} {unit}"
 
 
 def _table(header: list[str], rows: list[list[str]], indent: str = "  ") -> list[str]:
