@@ -19,10 +19,9 @@ from torch.distributed import distributed_c10d as c10d
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.debug import CommDebugMode
 
-from shardwise import ColwiseParallel, parallelize_module
+from shardwise import ColwiseParallel, explain, parallelize_module
 from shardwise.cli import main
 from shardwise.dryrun import CollectiveLog, saved_activation_bytes
-from shardwise.explain import explain
 from shardwise.testing import mesh_of
 from shardwise.testing.comms import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, comm_counts
 from shardwise.testing.models import GPTStack, gpt_block_plan

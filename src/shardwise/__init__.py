@@ -10,6 +10,8 @@ Example::
 
 from .api import parallelize_module
 from .clip_grad import clip_grad_norm_
+from .explain_report import ExplainReport
+from .explainer import explain
 from .fsdp import enable_2d_with_fsdp
 from .loss import vocab_parallel_cross_entropy
 from .multihead_attention_tp import TensorParallelMultiheadAttention
@@ -37,6 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ColwiseParallel",
+    "ExplainReport",
     "ModuleStyle",
     "PairwiseParallel",
     "ParallelStyle",
@@ -48,6 +51,7 @@ __all__ = [
     "TensorParallelMultiheadAttention",
     "clip_grad_norm_",
     "enable_2d_with_fsdp",
+    "explain",
     "foreach_param_groups",
     "make_input_replicate_1d",
     "make_input_reshard_replicate",

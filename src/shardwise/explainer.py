@@ -44,7 +44,7 @@ from .dryrun import CollectiveLog, fake_tp_mesh, flash_attention_on_meta, saved_
 from .explain_report import ExplainReport, pattern
 from .style import ParallelStyle
 
-__all__ = ["OPTIMIZER_STATES", "ExplainReport", "explain"]
+__all__ = ["OPTIMIZER_STATES", "ExplainReport", "explain", "meta_copy", "module_rows", "planned_styles"]
 
 #: States an optimizer keeps per trainable element, in the parameter's dtype.
 OPTIMIZER_STATES: dict[str | None, int] = {"adamw": 2, "adam": 2, "sgd": 0, None: 0}
