@@ -227,6 +227,21 @@ def test_command_json_is_the_report(capsys):
     assert "blocks.*.q" in text and "all_reduce" in text and "warnings: none" in text
 
 
+def test_command_reads_a_config_json_and_explains_itself(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    model = _llama()
+    model.config.save_pretrained(tmp_path)
+    assert main(["explain", str(tmp_path / "config.json"), "--tp", "2", "--seq", "8", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["params_total"] == sum(p.numel() for p in model.parameters())
+    assert d["inputs"] == {"input_ids": {"shape": [1, 8], "dtype": "int64"}}
+    with pytest.raises(SystemExit) as done:
+        main(["explain", "--help"])
+    assert done.value.code == 0 and "package.module:function" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="neither a Hugging Face directory"):
+        main(["explain", str(tmp_path / "missing"), "--tp", "2"])
+
+
 def test_command_on_a_llama_3_70b_config(tmp_path, capsys):
     """The Llama-3-70B shape on the meta device at TP 8, seq 4096: exact size, sharded ~1/8."""
     pytest.importorskip("transformers")

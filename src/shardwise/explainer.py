@@ -331,7 +331,7 @@ def _warnings(
         module = found[0][2]
         many = f" ({len(found)} parameters)" if len(found) > 1 else ""
         what = f"{pat}{many}: {elements:,} elements, {elements / total:.1%} of the model,"
-        if isinstance(module, nn.Linear) and _style_of(pattern_owner(found[0][0]), styles) is None:
+        if isinstance(module, nn.Linear) and _style_of(found[0][0].rpartition(".")[0], styles) is None:
             out.append(
                 f"{what} belongs to a Linear that is not in the plan ({module.in_features} -> "
                 f"{module.out_features}): it is replicated on every rank."
@@ -365,11 +365,6 @@ def _warnings(
                 f"heads over {tp} ranks; the projections stay whole on every rank."
             )
     return out
-
-
-def pattern_owner(name: str) -> str:
-    """The owning module's FQN of a parameter name (``a.b.weight`` -> ``a.b``)."""
-    return name.rpartition(".")[0]
 
 
 def _pieces(sizes: list[int]) -> str:
