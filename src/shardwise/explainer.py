@@ -90,8 +90,8 @@ def explain(
 
     Example::
 
-        >>> report = explain(GPTStack(64, 4), {"blocks.*": gpt_block_plan()}, tp_size=2,
-        ...                  example_inputs=torch.randn(16, 2, 64))
+        >>> report = explain(GPTStack(32, 4), {"blocks.*": gpt_block_plan()}, tp_size=2,
+        ...                  example_inputs=torch.randn(16, 2, 32))
         >>> report.to_dict()["collectives"]["forward"]["all_reduce"]
         {'count': 4, 'bytes': 16384}
     """
