@@ -1,6 +1,6 @@
 """``shardwise.explain`` against real runs: the dry run's numbers are the real run's numbers.
 
-Real runs are gloo ranks (the ``pools`` fixture); explain runs in this test process, which
+Real runs are 2 gloo ranks of this module's own pool; explain runs in this test process, which
 has no process group, or inside a 2-rank job at another TP size. Collective counts of the
 real runs come from torch's CommDebugMode, bytes from the c10d ops' own tensors, and a
 hand count checks both.
@@ -22,12 +22,19 @@ from torch.distributed.tensor.debug import CommDebugMode
 from shardwise import ColwiseParallel, explain, parallelize_module
 from shardwise.cli import main
 from shardwise.dryrun import CollectiveLog, saved_activation_bytes
-from shardwise.testing import mesh_of
+from shardwise.testing import RankPool, mesh_of
 from shardwise.testing.comms import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, comm_counts
 from shardwise.testing.models import GPTStack, gpt_block_plan
 
 SEQ, BATCH, DIM, HEADS, DEPTH = 16, 2, 32, 4, 2
 KIND = {ALL_REDUCE: "all_reduce", ALL_GATHER: "all_gather", REDUCE_SCATTER: "reduce_scatter"}
+
+
+@pytest.fixture(scope="module")
+def pool():
+    """This module's own 2 gloo ranks: the dry runs inside them touch no shared worker."""
+    with RankPool(2) as ranks:
+        yield ranks
 
 
 def _stack() -> GPTStack:
@@ -81,8 +88,8 @@ def _check_against(report: Any, runs: list[dict]) -> None:
 
 
 @pytest.mark.parametrize("sp", [False, True], ids=["tp", "tp+sp"])
-def test_explain_equals_a_real_tp2_run(pools, sp):
-    runs = pools(2).run(_real_stack, 2, sp)
+def test_explain_equals_a_real_tp2_run(pool, sp):
+    runs = pool.run(_real_stack, 2, sp)
     report = explain(_stack(), {"blocks.*": gpt_block_plan(sp)}, tp_size=2, example_inputs=_input(2, sp))
     _check_against(report, runs)
     assert not dist.is_initialized()  # explain's own fake group is gone again
@@ -129,9 +136,9 @@ def _real_llama(world: int) -> dict:
     return _measure(model, (), {"input_ids": ids}, mesh.get_group())
 
 
-def test_explain_equals_a_real_run_of_a_hf_llama(pools):
+def test_explain_equals_a_real_run_of_a_hf_llama(pool):
     pytest.importorskip("transformers")
-    runs = pools(2).run(_real_llama, 2)
+    runs = pool.run(_real_llama, 2)
     model = _llama()
     report = explain(model, _llama_plan(model, 2), tp_size=2, batch_size=BATCH, seq_len=SEQ)
     _check_against(report, runs)
@@ -155,8 +162,8 @@ def _explain_inside_a_job(tp: int) -> dict:
     return out
 
 
-def test_explain_at_another_tp_size_inside_a_job_communicates_nothing(pools):
-    rank0, rank1 = pools(2).run(_explain_inside_a_job, 4)
+def test_explain_at_another_tp_size_inside_a_job_communicates_nothing(pool):
+    rank0, rank1 = pool.run(_explain_inside_a_job, 4)
     assert rank0["groups"][0] == rank0["groups"][1] and rank0["sum"] == 2.0
     assert not any("dry_run" in n for n in rank0["names"])
     # Collectives ran, on the fake group of 4 only: the log above saw every group.
@@ -202,8 +209,8 @@ def _bad_plans() -> list[Any]:
     ]
 
 
-def test_a_bad_plan_raises_what_parallelize_module_raises(pools):
-    real = pools(2).run(_real_errors, _bad_plans())[0]
+def test_a_bad_plan_raises_what_parallelize_module_raises(pool):
+    real = pool.run(_real_errors, _bad_plans())[0]
     assert len(real) == 3
     for plan, (kind, message) in zip(_bad_plans(), real):
         with pytest.raises(Exception) as caught:
