@@ -13,6 +13,8 @@ from .api import parallelize_module
 from .auto import auto_plan, register_auto_plan
 from .clip_grad import clip_grad_norm_
 from .expand import expand_plan
+from .explain_report import ExplainReport
+from .explainer import explain
 from .fsdp import enable_2d_with_fsdp
 from .loss import vocab_parallel_cross_entropy
 from .multihead_attention_tp import TensorParallelMultiheadAttention
@@ -42,6 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ColwiseParallel",
     "Divergence",
+    "ExplainReport",
     "ModuleStyle",
     "PairwiseParallel",
     "ParallelStyle",
@@ -56,6 +59,7 @@ __all__ = [
     "clip_grad_norm_",
     "enable_2d_with_fsdp",
     "expand_plan",
+    "explain",
     "foreach_param_groups",
     "make_input_replicate_1d",
     "make_input_reshard_replicate",

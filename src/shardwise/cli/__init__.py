@@ -7,6 +7,7 @@ more name in :data:`SUBCOMMANDS`.
 Example::
 
     $ shardwise train --tp 2
+    $ shardwise explain ./Llama-3-70B --tp 8 --seq 4096 --json
     $ shardwise verify mypkg.models:tp_case --tp 2
 """
 
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 
 __all__ = ["SUBCOMMANDS", "main"]
 
-SUBCOMMANDS = ("verify", "train")
+SUBCOMMANDS = ("explain", "verify", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     """
     parser = argparse.ArgumentParser(
         prog="shardwise",
-        description="Tensor parallelism for PyTorch: check a plan against one device, "
-        "or train a small language model with tensor parallelism on local CPU processes.",
+        description="Tensor parallelism for PyTorch: explain what a plan costs before launch, "
+        "check a plan against one device, or train a small language model with tensor "
+        "parallelism on local CPU processes.",
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:
