@@ -10,6 +10,7 @@ import torch
 
 from models import MLP
 from shardwise import PairwiseParallel, SequenceParallel, parallelize_module
+from shardwise.sequence_gather import save_gathered_input
 from shardwise.testing import check_parity, mesh_of
 from shardwise.testing.comms import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, fwd_bwd_counts
 from shardwise.testing.models import GPTBlock, GPTStack, gpt_block_plan
@@ -17,18 +18,26 @@ from shardwise.testing.models import GPTBlock, GPTStack, gpt_block_plan
 AR, AG, RS = ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER
 
 
-def _mlp_counts(world: int, sp: bool) -> tuple[dict, dict]:
+def _mlp_counts(world: int, sp: bool, save_gathered: bool = False) -> tuple[dict, dict]:
     torch.manual_seed(0)
     model = parallelize_module(MLP(), mesh_of(world), SequenceParallel() if sp else PairwiseParallel())
-    return fwd_bwd_counts(model, torch.randn(8 // world if sp else 8, 2, 16))
+    previous = save_gathered_input(save_gathered)
+    try:
+        return fwd_bwd_counts(model, torch.randn(8 // world if sp else 8, 2, 16))
+    finally:
+        save_gathered_input(previous)
 
 
-def _block_counts(world: int, sp: bool, depth: int) -> tuple[dict, dict]:
+def _block_counts(world: int, sp: bool, depth: int, save_gathered: bool = False) -> tuple[dict, dict]:
     torch.manual_seed(0)
     model = GPTStack(32, 4, depth)
     model = parallelize_module(model, mesh_of(world), {"blocks.*": gpt_block_plan(sp)})
     seq = 16 // world if sp else 16
-    return fwd_bwd_counts(model, torch.randn(seq, 2, 32))
+    previous = save_gathered_input(save_gathered)
+    try:
+        return fwd_bwd_counts(model, torch.randn(seq, 2, 32))
+    finally:
+        save_gathered_input(previous)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -36,7 +45,10 @@ def test_mlp_collective_counts(pools, world):
     fwd, bwd = pools(world).run(_mlp_counts, world, False)[0]
     assert fwd == {AR: 1} and bwd == {AR: 1}
     fwd, bwd = pools(world).run(_mlp_counts, world, True)[0]
-    assert fwd == {AG: 1, RS: 1} and bwd == {AG: 1, RS: 1}
+    # Backward all-gathers the saved sequence shard again for the weight gradient.
+    assert fwd == {AG: 1, RS: 1} and bwd == {AG: 2, RS: 1}
+    fwd, bwd = pools(world).run(_mlp_counts, world, True, True)[0]
+    assert fwd == {AG: 1, RS: 1} and bwd == {AG: 1, RS: 1}  # the gathered input saved instead
 
 
 @pytest.mark.parametrize("depth", [1, 2])
@@ -51,8 +63,13 @@ def test_gpt_block_collective_counts(pools, depth):
 def test_gpt_block_sequence_parallel_counts(pools, depth):
     fwd, bwd = pools(2).run(_block_counts, 2, True, depth)[0]
     assert fwd == {AG: 2 * depth, RS: 2 * depth}
-    # Backward mirrors forward; the 4 all-reduces sum the LayerNorm weight/bias gradients
-    # of the sequence-parallel norms (replicated weights, sequence-sharded activations).
+    # Backward mirrors forward, plus one all-gather per gathered activation (q/k/v share
+    # theirs) to rebuild the input the weight gradients need from the saved shard; the 4
+    # all-reduces sum the LayerNorm weight/bias gradients of the sequence-parallel norms
+    # (replicated weights, sequence-sharded activations).
+    assert bwd == {AG: 4 * depth, RS: 2 * depth, AR: 4 * depth}
+    fwd, bwd = pools(2).run(_block_counts, 2, True, depth, True)[0]
+    assert fwd == {AG: 2 * depth, RS: 2 * depth}
     assert bwd == {AG: 2 * depth, RS: 2 * depth, AR: 4 * depth}
 
 

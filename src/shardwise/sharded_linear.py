@@ -31,6 +31,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
 from . import collectives as C
+from . import sequence_gather as SG
 from .layouts import ModuleIO, PrepareFn, Role, io_from_functions, normalize
 from .local_params import distribute_parameter, local_param
 from .redistribute import input_to_local, output_from_local
@@ -198,7 +199,7 @@ class ShardedLinearForward:
             if self.replicate_in and _is_plain(x):  # the seed default, decided at install
                 y = F.linear(_shared_entry("f", x, self.group, 0), w, b)
             else:
-                y = F.linear(self._colwise_input(x), w, b)  # [..., out/W] Shard(-1)
+                y = self._colwise_linear(x, w, b)  # [..., out/W] Shard(-1)
             if self.local_out:
                 return y
             return output_from_local(y, Shard(-1), self.io, self.mesh, size=self.features)
@@ -239,19 +240,27 @@ class ShardedLinearForward:
         assert w is not None  # a Linear always has a weight
         return w, local_param(bias)
 
-    def _colwise_input(self, x: Any) -> Any:
+    def _colwise_linear(self, x: Any, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         io, group = self.io, self.group
         if io.input_fn is None and io.input_layout is not None and _is_plain(x):
             # One entry collective per activation, however many projections read it.
             src = normalize(io.input_layout, x.dim())
             if src.is_replicate():
-                return _shared_entry("f", x, group, 0)
+                return F.linear(_shared_entry("f", x, group, 0), w, b)
             if type(src) is Shard:
                 dim = src.dim
-                return _shared_entry(
+                full = _shared_entry(
                     "ag", x, group, dim, lambda: C.gather_from_sequence_region(x, group, dim)
                 )
-        return input_to_local(x, io, Replicate(), self.mesh, partial_grad=True)
+                if (
+                    SG.saves_gathered_input()
+                    or not torch.is_grad_enabled()
+                    or torch.is_autocast_enabled(x.device.type)
+                ):
+                    return F.linear(full, w, b)
+                # Save the sequence shard, not the gathered input (Megatron's scheme).
+                return SG.linear_saving_shard(full, x, w, b, group, dim)
+        return F.linear(input_to_local(x, io, Replicate(), self.mesh, partial_grad=True), w, b)
 
 
 def _is_last_dim_shard(placement: Any) -> bool:
