@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -168,6 +169,7 @@ class ShardedLinearForward:
         self.mesh = mesh
         self.group = mesh.get_group()
         self.first = mesh.get_local_rank() == 0
+        self.world = mesh.size()
         self.io = io
         # The global size of the sharded feature dimension.
         self.features = module.out_features if role == "colwise" else module.in_features
@@ -211,7 +213,12 @@ class ShardedLinearForward:
         if self.replicate_out:
             # Replicated output: add the bias after the all-reduce, as hand-written code does;
             # its gradient, taken from the replicated output gradient, is complete everywhere.
-            out = C.reduce_from_region(y, self.group)
+            if torch.is_grad_enabled():
+                out = C.reduce_from_region(y, self.group)
+            else:  # inference: the all-reduce itself, without an autograd Function around it
+                out = y
+                if self.world > 1:
+                    dist.all_reduce(out, group=self.group)
             out = out if b is None else out + b
             return out if io.use_local_output else DTensor.from_local(
                 out, self.mesh, [Replicate()], run_check=False
@@ -235,6 +242,17 @@ class ShardedLinearForward:
             and weight.requires_grad
             and (bias is None or bias.requires_grad)
         ):
+            return fast[1], fast[3]
+        if (
+            fast is not None
+            and not torch.is_grad_enabled()
+            and weight is fast[0]
+            and bias is fast[2]
+            and weight._local_tensor is fast[1]
+            and (bias is None or bias._local_tensor is fast[3])
+        ):
+            # Inference (no_grad, inference_mode, generate()): nothing is recorded, so the
+            # local leaves serve as they are, without local_param's detach per call.
             return fast[1], fast[3]
         w = local_param(weight)
         assert w is not None  # a Linear always has a weight
