@@ -392,8 +392,10 @@ AR, AG, RS = "c10d.allreduce_", "c10d._allgather_base_", "c10d._reduce_scatter_b
     [
         (False, False, {AR: 1}, {AR: 1}),  # g out; f's all-reduce of the input gradient
         (False, True, {AR: 2}, {AR: 1}),  # + the head-average of the weights
-        (True, False, {AG: 1, RS: 1}, {AG: 1, RS: 1}),
-        (True, True, {AG: 1, AR: 1, RS: 1}, {AG: 1, RS: 1}),
+        # Sequence parallel: backward all-gathers the saved input shard again for the
+        # in-projections' weight gradients (one for q/k/v together).
+        (True, False, {AG: 1, RS: 1}, {AG: 2, RS: 1}),
+        (True, True, {AG: 1, AR: 1, RS: 1}, {AG: 2, RS: 1}),
     ],
 )
 def test_comm_counts(pools, sequence, need_weights, forward, backward):

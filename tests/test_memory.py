@@ -1,13 +1,17 @@
-"""Per-rank parameter memory: sharded bytes / N plus replicated bytes, exactly."""
+"""Per-rank memory: parameters (sharded bytes / N plus replicated bytes, exactly), and the
+activation bytes autograd saves under sequence parallelism (single process / N)."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from shardwise import parallelize_module
+from shardwise import parallelize_module, save_gathered_input
 from shardwise.testing import mesh_of
+from shardwise.testing.memory import saved_activation_bytes
 from shardwise.testing.models import GPTStack, gpt_block_plan
 
 
@@ -42,3 +46,45 @@ def test_per_rank_parameter_bytes(pools, world, sp):
         per_block_sharded = 4 * (dim * dim) + 2 * (4 * dim * dim) + 3 * dim + 4 * dim
         assert sharded == 2 * per_block_sharded * 4
         assert replicated == 2 * (4 * dim + 2 * dim) * 4
+
+
+# -- activation memory under sequence parallelism -------------------------------------------
+def _activation_ratios(world: int) -> dict[str, float]:
+    """Saved activation bytes per rank / (single process / world), per layout and mode."""
+    rank = torch.distributed.get_rank()
+    out: dict[str, float] = {}
+    for batch_first in (False, True):
+        torch.manual_seed(0)
+        ref = GPTStack(32, 4, depth=2, batch_first=batch_first)
+        x = torch.randn(2, 64, 32) if batch_first else torch.randn(64, 2, 32)
+        single = saved_activation_bytes(ref, x.clone().requires_grad_())
+        layout = "batch_first" if batch_first else "seq_first"
+        for sp in (False, True):
+            plan = {"blocks.*": gpt_block_plan(sp, batch_first=batch_first)}
+            model = parallelize_module(copy.deepcopy(ref), mesh_of(world), plan)
+            xin = x.chunk(world, 1 if batch_first else 0)[rank] if sp else x
+            modes = (False, True) if sp else (False,)
+            for save_gathered in modes:
+                previous = save_gathered_input(save_gathered)
+                try:
+                    got = saved_activation_bytes(model, xin.clone().requires_grad_())
+                finally:
+                    save_gathered_input(previous)
+                key = f"{layout}/{'sp' if sp else 'tp'}{'+gathered' if save_gathered else ''}"
+                out[key] = got / (single / world)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sequence_parallel_activation_bytes(pools, world):
+    ranks = pools(world).run(_activation_ratios, world)
+    assert all(r == ranks[0] for r in ranks)  # byte counts, deterministic and rank-independent
+    ratios = ranks[0]
+    for layout in ("seq_first", "batch_first"):
+        # Megatron's figure: every activation between the collectives is a sequence shard,
+        # and column layers save their input shard, not the gathered sequence.
+        assert ratios[f"{layout}/sp"] <= 1.05, ratios
+        # The measure can see the difference: without SP the norms, residuals and column
+        # inputs are full-sequence; saving the gathered input keeps one per column layer.
+        assert ratios[f"{layout}/tp"] >= 1.2, ratios
+        assert ratios[f"{layout}/sp+gathered"] >= 1.1, ratios

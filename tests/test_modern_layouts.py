@@ -431,12 +431,13 @@ def _count_case(world: int, name: str) -> tuple[dict[str, int], dict[str, int]]:
 
 
 EXPECTED_COUNTS = {
-    # Sequence-parallel pair: all-gather in, reduce-scatter out; backward mirrors.
-    "sp_mlp": ({AG: 1, RS: 1}, {AG: 1, RS: 1}),
-    "seed_sp_mlp": ({AG: 1, RS: 1}, {AG: 1, RS: 1}),
-    # GPT block: q/k/v share one all-gather; 4 all-reduces sum the SP LayerNorms' grads.
-    "gpt_layouts": ({AG: 2, RS: 2}, {AG: 2, RS: 2, AR: 4}),
-    "gpt_seed": ({AG: 2, RS: 2}, {AG: 2, RS: 2, AR: 4}),
+    # Sequence-parallel pair: all-gather in, reduce-scatter out; backward mirrors, plus one
+    # all-gather of the saved sequence shard for the column layer's weight gradient.
+    "sp_mlp": ({AG: 1, RS: 1}, {AG: 2, RS: 1}),
+    "seed_sp_mlp": ({AG: 1, RS: 1}, {AG: 2, RS: 1}),
+    # GPT block: q/k/v share one all-gather each way; 4 all-reduces sum the SP LayerNorms' grads.
+    "gpt_layouts": ({AG: 2, RS: 2}, {AG: 4, RS: 2, AR: 4}),
+    "gpt_seed": ({AG: 2, RS: 2}, {AG: 4, RS: 2, AR: 4}),
     # PrepareModuleInput handing q/k/v a DTensor: its gradient comes back Partial and one
     # reduce-scatter sums and splits it. Local tensors: one all-reduce (f), then a split.
     "block_dtensor": ({AG: 1, RS: 1}, {AG: 1, RS: 1, AR: 2}),

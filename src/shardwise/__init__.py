@@ -9,6 +9,7 @@ Example::
 """
 
 from . import hf as hf  # registers Hugging Face models with auto_plan
+from ._engine.sequence_gather import save_gathered_input
 from .api import parallelize_module
 from .auto import auto_plan, register_auto_plan
 from .clip_grad import clip_grad_norm_
@@ -73,5 +74,6 @@ __all__ = [
     "parallelize_module",
     "verify",
     "register_auto_plan",
+    "save_gathered_input",
     "vocab_parallel_cross_entropy",
 ]

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -31,6 +32,7 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Sha
 
 from ..layouts import ModuleIO, PrepareFn, Role, io_from_functions, normalize
 from . import collectives as C
+from . import sequence_gather as SG
 from .forward import ParallelForward, check_not_parallelized
 from .local_params import distribute_parameter, local_param
 from .redistribute import input_to_local, output_from_local
@@ -170,6 +172,7 @@ class ShardedLinearForward(ParallelForward):
         self.mesh = mesh
         self.group = mesh.get_group()
         self.first = mesh.get_local_rank() == 0
+        self.world = mesh.size()
         self.io = io
         self.input_layout = io.input_layout if io.input_fn is None else None
         self.output_layout = io.output_layout if io.output_fn is None else None
@@ -203,7 +206,7 @@ class ShardedLinearForward(ParallelForward):
             if self.replicate_in and _is_plain(x):  # the seed default, decided at install
                 y = F.linear(_shared_entry("f", x, self.group, 0), w, b)
             else:
-                y = F.linear(self._colwise_input(x), w, b)  # [..., out/W] Shard(-1)
+                y = self._colwise_linear(x, w, b)  # [..., out/W] Shard(-1)
             if self.local_out:
                 return y
             return output_from_local(y, Shard(-1), self.io, self.mesh, size=self.features)
@@ -215,7 +218,12 @@ class ShardedLinearForward(ParallelForward):
         if self.replicate_out:
             # Replicated output: add the bias after the all-reduce, as hand-written code does;
             # its gradient, taken from the replicated output gradient, is complete everywhere.
-            out = C.reduce_from_region(y, self.group)
+            if torch.is_grad_enabled():
+                out = C.reduce_from_region(y, self.group)
+            else:  # inference: the all-reduce itself, without an autograd Function around it
+                out = y
+                if self.world > 1:
+                    dist.all_reduce(out, group=self.group)
             out = out if b is None else out + b
             return out if io.use_local_output else DTensor.from_local(
                 out, self.mesh, [Replicate()], run_check=False
@@ -240,6 +248,17 @@ class ShardedLinearForward(ParallelForward):
             and (bias is None or bias.requires_grad)
         ):
             return fast[1], fast[3]
+        if (
+            fast is not None
+            and not torch.is_grad_enabled()
+            and weight is fast[0]
+            and bias is fast[2]
+            and weight._local_tensor is fast[1]
+            and (bias is None or bias._local_tensor is fast[3])
+        ):
+            # Inference (no_grad, inference_mode, generate()): nothing is recorded, so the
+            # local leaves serve as they are, without local_param's detach per call.
+            return fast[1], fast[3]
         w = local_param(weight)
         assert w is not None  # a Linear always has a weight
         b = local_param(bias)
@@ -253,19 +272,32 @@ class ShardedLinearForward(ParallelForward):
             self._installed = (weight, w, bias, b)
         return w, b
 
-    def _colwise_input(self, x: Any) -> Any:
+    def _colwise_linear(self, x: Any, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         io, group = self.io, self.group
         if io.input_fn is None and io.input_layout is not None and _is_plain(x):
             # One entry collective per activation, however many projections read it.
             src = normalize(io.input_layout, x.dim())
             if src.is_replicate():
-                return _shared_entry("f", x, group, 0)
+                return F.linear(_shared_entry("f", x, group, 0), w, b)
             if type(src) is Shard:
                 dim = src.dim
-                return _shared_entry(
+                full = _shared_entry(
                     "ag", x, group, dim, lambda: C.gather_from_sequence_region(x, group, dim)
                 )
-        return input_to_local(x, io, Replicate(), self.mesh, partial_grad=True)
+                if (
+                    SG.saves_gathered_input()
+                    or not torch.is_grad_enabled()
+                    # (autocast has no meta device: explain's dry run computes on meta)
+                    or (x.device.type != "meta" and torch.is_autocast_enabled(x.device.type))
+                    # An uneven torch.chunk split (3 + 2): the backward re-gather needs
+                    # equal pieces. Every rank sees the same gathered length, so every
+                    # rank takes the same branch.
+                    or full.shape[dim] != x.shape[dim] * self.world
+                ):
+                    return F.linear(full, w, b)
+                # Save the sequence shard, not the gathered input (Megatron's scheme).
+                return SG.linear_saving_shard(full, x, w, b, group, dim)
+        return F.linear(input_to_local(x, io, Replicate(), self.mesh, partial_grad=True), w, b)
 
 
 def _is_last_dim_shard(placement: Any) -> bool:
