@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -38,7 +38,9 @@ from .local_params import distribute_parameter, local_param
 from .redistribute import input_to_local, output_from_local
 
 __all__ = [
+    "ColumnLinearForward",
     "Role",
+    "RowLinearForward",
     "check_linear",
     "check_shardable",
     "linear_placements",
@@ -165,10 +167,16 @@ def _drop_entry(key: tuple[Any, ...], _source: Any) -> None:
 
 
 class ShardedLinearForward(ParallelForward):
-    """The forward installed on a parallelized ``nn.Linear`` (bound to it as a method)."""
+    """What the column and row forwards of a parallelized ``nn.Linear`` share.
 
-    def __init__(self, role: Role, mesh: DeviceMesh, io: ModuleIO, module: nn.Linear) -> None:
-        self.role = role
+    :class:`ColumnLinearForward` and :class:`RowLinearForward` are bound to the module as
+    its ``forward`` method; this base holds the layouts decided at install time and the
+    short cut to the installed local parameters.
+    """
+
+    role: ClassVar[Role]
+
+    def __init__(self, mesh: DeviceMesh, io: ModuleIO, module: nn.Linear) -> None:
         self.mesh = mesh
         self.group = mesh.get_group()
         self.first = mesh.get_local_rank() == 0
@@ -176,8 +184,6 @@ class ShardedLinearForward(ParallelForward):
         self.io = io
         self.input_layout = io.input_layout if io.input_fn is None else None
         self.output_layout = io.output_layout if io.output_fn is None else None
-        # The global size of the sharded feature dimension.
-        self.features = module.out_features if role == "colwise" else module.in_features
         plain = io.input_fn is None and io.output_fn is None and io.use_local_output
         # The common layouts, decided once here rather than on every call.
         self.local_out = plain and _is_last_dim_shard(io.output_layout)  # colwise, no output move
@@ -195,42 +201,7 @@ class ShardedLinearForward(ParallelForward):
             )
 
     def __repr__(self) -> str:
-        return f"ShardedLinearForward({self.role}, {self.io})"
-
-    def __call__(self, module: nn.Linear, *args: Any, **kwargs: Any) -> Any:
-        if not args:
-            raise TypeError(f"{type(module).__name__}.forward() missing its input tensor")
-        x = args[0]
-        w, b = self._local_params(module)
-        if self.role == "colwise":
-            if self.replicate_in and _is_plain(x):  # the seed default, decided at install
-                y = F.linear(_shared_entry("f", x, self.group, 0), w, b)
-            else:
-                y = self._colwise_linear(x, w, b)  # [..., out/W] Shard(-1)
-            if self.local_out:
-                return y
-            return output_from_local(y, Shard(-1), self.io, self.mesh, size=self.features)
-        if self.last_dim_in and _is_plain(x):
-            y = F.linear(x, w)  # the seed default: this rank's feature slice; [..., out] Partial
-        else:
-            y = F.linear(input_to_local(x, self.io, Shard(-1), self.mesh), w)  # [..., out] Partial
-        io = self.io
-        if self.replicate_out:
-            # Replicated output: add the bias after the all-reduce, as hand-written code does;
-            # its gradient, taken from the replicated output gradient, is complete everywhere.
-            if torch.is_grad_enabled():
-                out = C.reduce_from_region(y, self.group)
-            else:  # inference: the all-reduce itself, without an autograd Function around it
-                out = y
-                if self.world > 1:
-                    dist.all_reduce(out, group=self.group)
-            out = out if b is None else out + b
-            return out if io.use_local_output else DTensor.from_local(
-                out, self.mesh, [Replicate()], run_check=False
-            )
-        if b is not None:
-            y = _AddBiasOnce.apply(y, b, self.first)
-        return output_from_local(y, Partial(), io, self.mesh)
+        return f"{type(self).__name__}({self.io})"
 
     def _local_params(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``local_param`` of weight and bias, short-cut while they are the ones installed."""
@@ -272,6 +243,29 @@ class ShardedLinearForward(ParallelForward):
             self._installed = (weight, w, bias, b)
         return w, b
 
+
+class ColumnLinearForward(ShardedLinearForward):
+    """Column-parallel ``nn.Linear``: this rank's output features from the whole input."""
+
+    role: ClassVar[Role] = "colwise"
+
+    def __init__(self, mesh: DeviceMesh, io: ModuleIO, module: nn.Linear) -> None:
+        super().__init__(mesh, io, module)
+        self.features = module.out_features  # the global size of the sharded dimension
+
+    def __call__(self, module: nn.Linear, *args: Any, **kwargs: Any) -> Any:
+        if not args:
+            raise TypeError(f"{type(module).__name__}.forward() missing its input tensor")
+        x = args[0]
+        w, b = self._local_params(module)
+        if self.replicate_in and _is_plain(x):  # the seed default, decided at install
+            y = F.linear(_shared_entry("f", x, self.group, 0), w, b)
+        else:
+            y = self._colwise_linear(x, w, b)  # [..., out/W] Shard(-1)
+        if self.local_out:
+            return y
+        return output_from_local(y, Shard(-1), self.io, self.mesh, size=self.features)
+
     def _colwise_linear(self, x: Any, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         io, group = self.io, self.group
         if io.input_fn is None and io.input_layout is not None and _is_plain(x):
@@ -298,6 +292,39 @@ class ShardedLinearForward(ParallelForward):
                 # Save the sequence shard, not the gathered input (Megatron's scheme).
                 return SG.linear_saving_shard(full, x, w, b, group, dim)
         return F.linear(input_to_local(x, io, Replicate(), self.mesh, partial_grad=True), w, b)
+
+
+class RowLinearForward(ShardedLinearForward):
+    """Row-parallel ``nn.Linear``: partial sums over this rank's input features, then reduced."""
+
+    role: ClassVar[Role] = "rowwise"
+
+    def __call__(self, module: nn.Linear, *args: Any, **kwargs: Any) -> Any:
+        if not args:
+            raise TypeError(f"{type(module).__name__}.forward() missing its input tensor")
+        x = args[0]
+        w, b = self._local_params(module)
+        if self.last_dim_in and _is_plain(x):
+            y = F.linear(x, w)  # the seed default: this rank's feature slice; [..., out] Partial
+        else:
+            y = F.linear(input_to_local(x, self.io, Shard(-1), self.mesh), w)  # [..., out] Partial
+        io = self.io
+        if self.replicate_out:
+            # Replicated output: add the bias after the all-reduce, as hand-written code does;
+            # its gradient, taken from the replicated output gradient, is complete everywhere.
+            if torch.is_grad_enabled():
+                out = C.reduce_from_region(y, self.group)
+            else:  # inference: the all-reduce itself, without an autograd Function around it
+                out = y
+                if self.world > 1:
+                    dist.all_reduce(out, group=self.group)
+            out = out if b is None else out + b
+            return out if io.use_local_output else DTensor.from_local(
+                out, self.mesh, [Replicate()], run_check=False
+            )
+        if b is not None:
+            y = _AddBiasOnce.apply(y, b, self.first)
+        return output_from_local(y, Partial(), io, self.mesh)
 
 
 def _is_last_dim_shard(placement: Any) -> bool:
@@ -336,7 +363,8 @@ def parallelize_linear(module: nn.Linear, mesh: DeviceMesh, role: Role, io: Modu
     """
     for name, placement in linear_placements(role).items():
         distribute_parameter(module, name, mesh, placement)
-    ShardedLinearForward(role, mesh, io, module).install(module)
+    forward = ColumnLinearForward if role == "colwise" else RowLinearForward
+    forward(mesh, io, module).install(module)
     return module
 
 
