@@ -18,9 +18,6 @@ Example::
 
 from __future__ import annotations
 
-import functools
-import weakref
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -33,6 +30,7 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Sha
 from ..layouts import ModuleIO, PrepareFn, Role, io_from_functions, normalize
 from . import collectives as C
 from . import sequence_gather as SG
+from .entry_cache import shared_entry
 from .forward import ParallelForward, check_not_parallelized
 from .local_params import distribute_parameter, local_param
 from .redistribute import input_to_local, output_from_local
@@ -111,59 +109,6 @@ class _AddBiasOnce(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         return grad, grad.reshape(-1, grad.shape[-1]).sum(0), None
-
-
-# key -> (entry, a weak reference to the entry's source whose callback drops the key)
-_SHARED: dict[tuple[Any, ...], tuple[torch.Tensor, weakref.ref[torch.Tensor]]] = {}
-
-
-def _shared_entry(
-    kind: str, x: torch.Tensor, group: Any, dim: int, make: Callable[[], torch.Tensor] | None = None
-) -> torch.Tensor:
-    """Run an input collective once per (tensor, group), however many layers consume it.
-
-    q, k and v projections (or a gate and an up projection) read the same activation.
-    Giving them one shared entry tensor means one all-gather in forward, and autograd
-    sums their gradients before the entry's backward runs, so one all-reduce or
-    reduce-scatter in backward, as in Megatron's fused QKV.
-
-    An entry lives exactly as long as its source tensor: a weak-reference callback drops it
-    when the source is freed (entries never reference their source, so this happens
-    when the model's forward lets go of it).
-
-    ``make`` builds the entry; ``None`` means ``copy_to_region(x, group)``, the column
-    layers' default, so that path creates no closure per call (it runs for every q/k/v/up
-    call, between large kernels, where each Python call and line is dear).
-    """
-    if kind == "f" and not (torch.is_grad_enabled() and x.requires_grad):
-        return x  # no gradient will flow back: the identity needs no collective either
-    # Module backward hooks (``register_full_backward_hook``, and tools built on them such
-    # as CommDebugMode) hand each module an identity view of its input, so q, k and v may
-    # receive different objects for one activation. Key by what the tensor *is*: its root
-    # base (views share its version counter) and its place in that memory.
-    source = x._base
-    if source is None:
-        source = x
-    if source.is_inference():
-        # Inference tensors keep no version counter, so an in-place change could not be
-        # told from the tensor the entry was made for: no sharing, one collective per layer.
-        return C.copy_to_region(x, group) if make is None else make()
-    key = (
-        kind, id(source), source._version, x.storage_offset(), x.shape, x.stride(), x.dtype,
-        id(group), dim, torch.is_grad_enabled(),
-    )
-    found = _SHARED.get(key)
-    if found is not None:
-        return found[0]
-    entry = C.copy_to_region(x, group) if make is None else make()
-    # A plain weak reference with a callback (cheaper than weakref.finalize); it lives in
-    # the cache value, so it outlives the source and the callback fires.
-    _SHARED[key] = (entry, weakref.ref(source, functools.partial(_drop_entry, key)))
-    return entry
-
-
-def _drop_entry(key: tuple[Any, ...], _source: Any) -> None:
-    _SHARED.pop(key, None)
 
 
 class ShardedLinearForward(ParallelForward):
@@ -259,7 +204,7 @@ class ColumnLinearForward(ShardedLinearForward):
         x = args[0]
         w, b = self._local_params(module)
         if self.replicate_in and _is_plain(x):  # the seed default, decided at install
-            y = F.linear(_shared_entry("f", x, self.group, 0), w, b)
+            y = F.linear(shared_entry("f", x, self.group, 0), w, b)
         else:
             y = self._colwise_linear(x, w, b)  # [..., out/W] Shard(-1)
         if self.local_out:
@@ -272,10 +217,10 @@ class ColumnLinearForward(ShardedLinearForward):
             # One entry collective per activation, however many projections read it.
             src = normalize(io.input_layout, x.dim())
             if src.is_replicate():
-                return F.linear(_shared_entry("f", x, group, 0), w, b)
+                return F.linear(shared_entry("f", x, group, 0), w, b)
             if type(src) is Shard:
                 dim = src.dim
-                full = _shared_entry(
+                full = shared_entry(
                     "ag", x, group, dim, lambda: C.gather_from_sequence_region(x, group, dim)
                 )
                 if (
