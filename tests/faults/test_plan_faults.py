@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from outcomes import TIMEOUT, group_works, outcome
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -23,24 +24,6 @@ from shardwise import (
     parallelize_module,
 )
 from shardwise.testing import check_parity, mesh_of
-
-TIMEOUT = 30  # seconds; a hang fails the test and restarts the pool
-
-
-def _group_works() -> float:
-    t = torch.ones(1)
-    dist.all_reduce(t)
-    return t.item()
-
-
-def _outcome(fn) -> tuple[str, str]:
-    try:
-        fn()
-        result = ("ok", "")
-    except Exception as exc:  # noqa: BLE001 - the test compares what each rank saw
-        result = (type(exc).__name__, str(exc))
-    assert _group_works() == dist.get_world_size()
-    return result
 
 
 class QK(nn.Module):
@@ -62,7 +45,7 @@ def _plan_in_rank_order(world: int) -> int:
     # A plan built from a set: its order differs per process under torchrun's hash seed.
     order = entries if dist.get_rank() % 2 == 0 else entries[::-1]
     report = check_parity(QK, dict(order), mesh_of(world), lambda step: torch.randn(4, 16))
-    assert _group_works() == world
+    assert group_works() == world
     return report.steps
 
 
@@ -85,7 +68,7 @@ def _differing(world: int, case: str) -> tuple[str, str, bool]:
         model.k = nn.Linear(16, 32, bias=False)
     elif case == "missing" and rank == 1:
         del plan["o"]
-    result = _outcome(lambda: parallelize_module(model, mesh_of(world), plan))
+    result = outcome(lambda: parallelize_module(model, mesh_of(world), plan))
     untouched = not any(isinstance(p, DTensor) for p in model.parameters())
     return (*result, untouched)
 
@@ -144,7 +127,7 @@ def _wrapped(world: int, kind: str) -> tuple[str, str]:
         wrapped = FSDP(model, device_id=torch.device("cpu"), use_orig_params=True)
     else:
         wrapped = nn.Sequential(nn.parallel.DistributedDataParallel(model))
-    return _outcome(lambda: parallelize_module(wrapped, mesh_of(world), PairwiseParallel()))
+    return outcome(lambda: parallelize_module(wrapped, mesh_of(world), PairwiseParallel()))
 
 
 @pytest.mark.parametrize(
@@ -167,7 +150,7 @@ def test_wrapped_models_are_refused(pools, kind, expected):
 
 # -- arguments -------------------------------------------------------------------------------------
 def _tp_mesh_dim_bool(world: int) -> tuple[str, str]:
-    return _outcome(lambda: parallelize_module(MLP(), mesh_of(world), PairwiseParallel(),
+    return outcome(lambda: parallelize_module(MLP(), mesh_of(world), PairwiseParallel(),
                                                tp_mesh_dim=True))
 
 

@@ -14,6 +14,7 @@ import re
 import pytest
 import torch
 import torch.distributed as dist
+from outcomes import TIMEOUT, group_works, outcome
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
@@ -27,25 +28,6 @@ from shardwise import (
 )
 from shardwise.debug import check_layouts
 from shardwise.testing import full, mesh_of
-
-TIMEOUT = 30  # seconds; a hang fails the test and restarts the pool
-
-
-def _group_works() -> float:
-    t = torch.ones(1)
-    dist.all_reduce(t)
-    return t.item()
-
-
-def _outcome(fn) -> tuple[str, str]:
-    """("ok", "") or (exception type, message), then prove the group is still usable."""
-    try:
-        fn()
-        result = ("ok", "")
-    except Exception as exc:  # noqa: BLE001 - the test compares what each rank saw
-        result = (type(exc).__name__, str(exc))
-    assert _group_works() == dist.get_world_size()
-    return result
 
 
 # -- uneven and mismatched sequence shards ---------------------------------------------------
@@ -70,7 +52,7 @@ def _sequence_shards(world: int, lengths: list[int], batches: list[int]) -> tupl
         for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
             torch.testing.assert_close(full(p.grad), p_ref.grad, msg=name)
 
-    return _outcome(run)
+    return outcome(run)
 
 
 @pytest.mark.parametrize(
@@ -127,7 +109,7 @@ def _layout_check_uneven(world: int) -> tuple[str, str]:
     sp = parallelize_module(nn.Linear(8, 8), mesh_of(world), ColwiseParallel(input_layouts=Shard(0)))
     with check_layouts(sp):
         sp(torch.randn(3 - rank, 2, 8))  # 3 + 2: a torch.chunk split, accepted
-        return _outcome(lambda: sp(torch.randn(2 + rank, 2, 8)))
+        return outcome(lambda: sp(torch.randn(2 + rank, 2, 8)))
 
 
 def test_check_layouts_names_the_chunk_split(pools):
@@ -146,7 +128,7 @@ def _layout_check_dtype(world: int) -> tuple[str, str]:
     # A float64 input on one rank raised on that rank only (the others then failed with
     # "connection closed"); the debug mode checks it on every rank first.
     with check_layouts(model):
-        return _outcome(lambda: model(x.double() if dist.get_rank() == 1 else x))
+        return outcome(lambda: model(x.double() if dist.get_rank() == 1 else x))
 
 
 def test_check_layouts_catches_a_dtype_on_one_rank(pools):
@@ -236,7 +218,7 @@ def _clip_without_local_grads(world: int) -> tuple[float, float]:
         float(p.grad.to_local().pow(2).sum()) for p in model.parameters() if p.grad is not None
     )
     total = clip_grad_norm_(model.parameters(), max_norm=1e9)
-    assert _group_works() == world
+    assert group_works() == world
     return float(total), local_sq
 
 
@@ -257,7 +239,7 @@ def _cross_entropy_targets(world: int, case: str) -> tuple[str, str]:
     target = torch.tensor([0, 1, 2, 3])
     if dist.get_rank() == 1:
         target = torch.tensor([0, 1, 9, 3]) if case == "out of range" else torch.tensor([0, 1, 3, 2])
-    return _outcome(lambda: vocab_parallel_cross_entropy(logits, target))
+    return outcome(lambda: vocab_parallel_cross_entropy(logits, target))
 
 
 @pytest.mark.parametrize(
