@@ -20,7 +20,8 @@ from unittest import mock
 import torch
 from torch import nn
 
-from shardwise import ColwiseParallel, RowwiseParallel, _integrity, parallelize_module
+from shardwise import ColwiseParallel, RowwiseParallel, parallelize_module
+from shardwise.checkpoint import integrity as _integrity
 from shardwise.checkpoint import load_checkpoint, save_checkpoint
 from shardwise.testing import RankPool, mesh_of
 

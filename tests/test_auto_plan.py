@@ -11,7 +11,7 @@ from torch import nn
 import shardwise
 import shardwise.api
 from shardwise import ColwiseParallel, RowwiseParallel, auto_plan, register_auto_plan
-from shardwise.auto import _PLANNERS
+from shardwise.planning.auto import _PLANNERS
 
 
 class _Tiny(nn.Module):
@@ -29,7 +29,7 @@ def test_api_does_not_import_hf():
     imported = [
         node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
     ]
-    assert "auto" in imported and not any(m == "hf" or m.startswith("hf.") for m in imported)
+    assert "planning.auto" in imported and not any(m == "hf" or m.startswith("hf.") for m in imported)
 
 
 def test_registry_dispatches_and_names_its_planners():

@@ -209,7 +209,7 @@ def _failed_saves(world: int, directory: str) -> dict:
 
     with (
         mock.patch("torch.save", half_written),
-        mock.patch("shardwise.checkpoint.save_safetensors", half_written),
+        mock.patch("shardwise.checkpoint.full.save_safetensors", half_written),
     ):
         errors += [
             expect_raises(Exception, save_full_state_dict, new, single),

@@ -22,7 +22,7 @@ from torch.distributed.tensor.debug import CommDebugMode
 from shardwise import ColwiseParallel, explain, parallelize_module
 from shardwise._engine.sized_gather import _HEADER as SIZED_GATHER_HEADER
 from shardwise.cli import main
-from shardwise.dryrun import CollectiveLog, saved_activation_bytes
+from shardwise.diagnostics.dryrun import CollectiveLog, saved_activation_bytes
 from shardwise.testing import RankPool, mesh_of
 from shardwise.testing.comms import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, comm_counts
 from shardwise.testing.models import GPTStack, gpt_block_plan

@@ -107,7 +107,7 @@ def test_untouched_ties_and_shared_modules_are_fine():
     lin = nn.Linear(4, 4)
     model = nn.Sequential(lin, nn.ReLU(), lin)
     assert [n for n, _ in model.named_parameters()] == ["0.weight", "0.bias"]
-    from shardwise.ties import check_ties
+    from shardwise.planning.ties import check_ties
 
     assert check_ties(model, {id(lin): ("0", {"weight": Shard(0), "bias": Shard(0)})}) == []
     assert check_ties(TiedLM(), {}) == []

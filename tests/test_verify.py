@@ -15,8 +15,8 @@ import torch
 
 import shardwise
 import verify_cases as cases
+from shardwise.diagnostics.verify_record import tolerances
 from shardwise.testing import mesh_of
-from shardwise.verify_record import tolerances
 
 
 def _verify(name: str, steps: int, dtype: torch.dtype = torch.float32) -> shardwise.VerifyResult:

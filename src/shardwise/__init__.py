@@ -11,23 +11,12 @@ Example::
 from . import hf as hf  # registers Hugging Face models with auto_plan
 from ._engine.sequence_gather import save_gathered_input
 from .api import parallelize_module
-from .auto import auto_plan, register_auto_plan
 from .clip_grad import clip_grad_norm_
-from .expand import expand_plan
-from .explain_report import ExplainReport
-from .explainer import explain
+from .diagnostics.explain import explain
+from .diagnostics.explain_report import ExplainReport
+from .diagnostics.verify import Divergence, VerifyResult, verify
 from .fsdp import enable_2d_with_fsdp
-from .loss import vocab_parallel_cross_entropy
-from .multihead_attention_tp import TensorParallelMultiheadAttention
-from .optim import foreach_param_groups
-from .prepare import PrepareModuleInput, PrepareModuleInputOutput, PrepareModuleOutput
-from .style import (
-    ColwiseParallel,
-    ModuleStyle,
-    PairwiseParallel,
-    ParallelStyle,
-    RowwiseParallel,
-    SequenceParallel,
+from .layouts import (
     make_input_replicate_1d,
     make_input_reshard_replicate,
     make_input_shard_1d,
@@ -38,7 +27,15 @@ from .style import (
     make_output_tensor,
     make_sharded_output_tensor,
 )
-from .verify import Divergence, VerifyResult, verify
+from .loss import vocab_parallel_cross_entropy
+from .multihead_attention_tp import TensorParallelMultiheadAttention
+from .optim import foreach_param_groups
+from .planning.auto import auto_plan, register_auto_plan
+from .planning.expand import expand_plan
+from .styles.base import ModuleStyle, ParallelStyle
+from .styles.composite import PairwiseParallel, SequenceParallel
+from .styles.linear import ColwiseParallel, RowwiseParallel
+from .styles.prepare import PrepareModuleInput, PrepareModuleInputOutput, PrepareModuleOutput
 
 __version__ = "0.1.0"
 

@@ -20,12 +20,12 @@ from typing import Literal
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from .agreement import agree_on_plan, check_not_wrapped
-from .auto import auto_plan
-from .expand import Plan, check_entries, expand_entries
 from .mesh import default_mesh, tp_submesh
-from .style_base import ParallelStyle, PlanContext
-from .ties import check_ties, retie
+from .planning.agreement import agree_on_plan, check_not_wrapped
+from .planning.auto import auto_plan
+from .planning.expand import Plan, check_entries, expand_entries
+from .planning.ties import check_ties, retie
+from .styles.base import ParallelStyle, PlanContext
 
 __all__ = ["Plan", "parallelize_module"]
 

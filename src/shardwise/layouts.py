@@ -10,7 +10,7 @@ rank's shard" and no collective verifies it. On the parallelized hot path shardw
 recognises these functions and runs the equivalent local collective instead of
 building DTensors (see :mod:`shardwise._engine.sharded_linear`).
 
-:class:`ModuleIO` is the one form both spellings of a style's input and output handling
+:class:`~shardwise._engine.io.ModuleIO` is the one form both spellings of a style's input and output handling
 reduce to: the seed's functions (``_prepare_input=make_input_reshard_replicate``) and
 torch 2.x's layouts (``input_layouts=Shard(0)``) become the same placements.
 
@@ -22,17 +22,15 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
+
+from ._engine.io import ModuleIO, PrepareFn, Role, natural_output
 
 __all__ = [
-    "ModuleIO",
-    "as_placement",
     "io_from_functions",
     "make_input_replicate_1d",
     "make_input_reshard_replicate",
@@ -43,8 +41,6 @@ __all__ = [
     "make_output_shard_1d",
     "make_output_tensor",
     "make_sharded_output_tensor",
-    "natural_output",
-    "normalize",
 ]
 
 InputLike = torch.Tensor | DTensor | list[Any] | tuple[Any, ...]
@@ -209,45 +205,6 @@ def make_sharded_output_tensor(
     return output.to_local()
 
 
-# -- one description for both spellings ---------------------------------------------------
-PrepareFn = Callable[..., Any]
-Role = Literal["colwise", "rowwise"]
-
-
-@dataclass(frozen=True)
-class ModuleIO:
-    """What a parallelized module does with its input and its output.
-
-    * ``input_layout``: how a plain input tensor is laid out across ranks (``None``: it is
-      used exactly as given). The module redistributes it to the layout it computes on.
-    * ``output_layout`` / ``use_local_output``: the layout the result is redistributed
-      to, and whether the caller gets its local tensor or the DTensor.
-    * ``input_fn`` / ``output_fn``: a user's own seed-style function with no placement
-      equivalent; it runs on DTensors (slower, same values).
-
-    Example::
-
-        >>> ModuleIO(Shard(0), Shard(0))   # sequence-sharded in and out, local tensors
-    """
-
-    input_layout: Placement | None
-    output_layout: Placement
-    use_local_output: bool = True
-    input_fn: PrepareFn | None = None
-    output_fn: PrepareFn | None = None
-
-
-def natural_output(role: Role) -> Placement:
-    """The layout a column/row-parallel module produces before any output redistribution.
-
-    Example::
-
-        >>> natural_output("rowwise")
-        P(sum)
-    """
-    return Shard(-1) if role == "colwise" else Partial()
-
-
 _SEED_INPUTS: dict[Any, Placement] = {
     make_input_replicate_1d: Replicate(),
     make_input_reshard_replicate: Shard(0),
@@ -285,34 +242,3 @@ def io_from_functions(
         layout, local = _SEED_OUTPUTS[prepare_output]
         return ModuleIO(in_layout, layout or natural, local, in_fn)
     return ModuleIO(in_layout, natural, False, in_fn, prepare_output)
-
-
-def as_placement(value: Any, what: str) -> Placement | None:
-    """A layout keyword as one ``Placement``: a placement, a 1-tuple of one, or ``None``.
-
-    Example::
-
-        >>> as_placement((Shard(1),), "input_layouts")
-        Shard(dim=1)
-    """
-    if isinstance(value, tuple) and len(value) == 1:
-        value = value[0]
-    if value is None or isinstance(value, Placement):
-        return value
-    raise TypeError(
-        f"{what} must be a torch.distributed.tensor Placement (Replicate(), Shard(d), "
-        f"Partial()) or a 1-tuple of one, got {value!r}"
-    )
-
-
-def normalize(placement: Placement, ndim: int) -> Placement:
-    """``placement`` with a negative shard dimension made non-negative for an ``ndim`` tensor.
-
-    Example::
-
-        >>> normalize(Shard(-1), 3)
-        Shard(dim=2)
-    """
-    if isinstance(placement, Shard) and placement.dim < 0:
-        return Shard(placement.dim % ndim)
-    return placement

@@ -31,8 +31,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from ._engine import collectives as C
+from ._engine.io import ModuleIO
 from ._engine.sharded_linear import Role, check_linear, parallelize_linear
-from .layouts import ModuleIO
 
 __all__ = ["TensorParallelMultiheadAttention", "check_attention", "parallelize_attention"]
 

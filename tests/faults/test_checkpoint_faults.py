@@ -25,14 +25,14 @@ import torch.distributed as dist
 from models import MLP
 from shardwise import PairwiseParallel, parallelize_module
 from shardwise import checkpoint as ckpt
-from shardwise._dcp_safe import read_metadata
-from shardwise._integrity import MANIFEST, digest_files, read_manifest, write_manifest
 from shardwise.checkpoint import (
     load_checkpoint,
     load_full_state_dict,
     save_checkpoint,
     save_full_state_dict,
 )
+from shardwise.checkpoint.integrity import MANIFEST, digest_files, read_manifest, write_manifest
+from shardwise.checkpoint.safe_dcp import read_metadata
 from shardwise.testing import expect_raises, full, mesh_of
 
 HANG = 120.0  # seconds: a body this slow is a hang (each takes a few seconds)
@@ -183,7 +183,7 @@ def _hostile(directory: str) -> dict:
     unchanged = torch.equal(_probe(fresh), untouched) and fresh_opt.param_groups[0]["lr"] == 0.05
     # The second line of defence: with the up-front check skipped, DCP's own read of the
     # entry (through shardwise's planner) refuses it too.
-    with mock.patch("shardwise._dcp_safe.check_entries"):
+    with mock.patch("shardwise.checkpoint.safe_dcp.check_entries"):
         errors["lr, during the read"] = expect_raises(
             RuntimeError, load_checkpoint, lr, fresh, fresh_opt
         )
@@ -199,7 +199,7 @@ def _hostile(directory: str) -> dict:
     opt.param_groups[0]["lr"] = 0.05
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp_load(ckpt._dcp_state(fresh, fresh_opt), checkpoint_id=root / "control")
+        dcp_load(ckpt.sharded._dcp_state(fresh, fresh_opt), checkpoint_id=root / "control")
     control_ran = os.path.exists(markers["control"])
 
     load_checkpoint(good, fresh, fresh_opt)  # and a good checkpoint still loads
@@ -399,8 +399,8 @@ def _interrupted(directory: str) -> dict:
 
     # A file system without an atomic exchange (NFS...), and a crash between the renames.
     with (
-        mock.patch.object(ckpt, "_exchange", return_value=False),
-        mock.patch.object(ckpt.os, "replace", crash_on_second),
+        mock.patch.object(ckpt.files, "exchange", return_value=False),
+        mock.patch.object(ckpt.files.os, "replace", crash_on_second),
     ):
         error = expect_raises((RuntimeError, OSError), save_checkpoint, path, new)
     dist.barrier()
@@ -442,9 +442,9 @@ def test_publish_is_one_atomic_exchange(tmp_path):
     b.mkdir()
     (a / "new").write_text("new")
     (b / "old").write_text("old")
-    if not ckpt._exchange(a, b):
+    if not ckpt.files.exchange(a, b):
         pytest.skip("this file system has no atomic exchange (the two-rename path is tested above)")
     assert sorted(os.listdir(b)) == ["new"] and sorted(os.listdir(a)) == ["old"]
-    with mock.patch.object(ckpt.os, "replace", side_effect=AssertionError("renamed")):
-        ckpt._swap_in(a, b)  # the exchange alone replaces the directory
+    with mock.patch.object(ckpt.files.os, "replace", side_effect=AssertionError("renamed")):
+        ckpt.files.swap_in(a, b)  # the exchange alone replaces the directory
     assert sorted(os.listdir(tmp_path)) == ["b"] and sorted(os.listdir(b)) == ["old"]

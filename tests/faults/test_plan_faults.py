@@ -173,7 +173,7 @@ def test_seed_defaults_are_stored():
 
 
 def test_plan_in_another_order_is_applied_in_module_order():
-    from shardwise.agreement import canonical_order
+    from shardwise.planning.agreement import canonical_order
 
     class Step:
         def __init__(self, fqn: str, module: nn.Module) -> None:

@@ -27,7 +27,7 @@ from shardwise import (
     expand_plan,
     parallelize_module,
 )
-from shardwise.primitives import SequenceShardedLayer, ShardedDropout, ShardedNorm
+from shardwise.styles.primitives import SequenceShardedLayer, ShardedDropout, ShardedNorm
 from shardwise.testing.models import GPTStack, gpt_block_plan
 
 

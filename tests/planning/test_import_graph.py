@@ -83,6 +83,6 @@ def test_the_checker_finds_a_cycle():
 
 def test_the_core_does_not_import_hugging_face_code():
     graph = _graph()
-    core = {"shardwise.api", "shardwise.expand", "shardwise.style", "shardwise.auto"}
+    core = {"shardwise.api", "shardwise.planning.expand", "shardwise.style", "shardwise.planning.auto"}
     for name in core:
         assert not {m for m in graph[name] if m.startswith("shardwise.hf")}, name

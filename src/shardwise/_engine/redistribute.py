@@ -37,8 +37,8 @@ from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Shard
 
-from ..layouts import ModuleIO, normalize
 from . import collectives as C
+from .io import ModuleIO, normalize
 
 __all__ = ["global_shape", "input_to_local", "local_redistribute", "output_from_local", "wrap"]
 

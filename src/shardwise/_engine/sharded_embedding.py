@@ -29,9 +29,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Partial, Placement, Replicate, Shard
 
-from ..layouts import ModuleIO, Role
 from .collectives import chunk_range
 from .forward import ParallelForward, check_not_parallelized
+from .io import ModuleIO, Role
 from .local_params import distribute_parameter, local_param
 from .redistribute import input_to_local, output_from_local
 from .sharded_linear import check_shardable

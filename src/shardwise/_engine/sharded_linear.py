@@ -2,7 +2,7 @@
 
 :func:`parallelize_linear` replaces a Linear's parameters with DTensors and gives the
 module a forward that computes on local shards. Its input and output handling is a
-:class:`~shardwise.layouts.ModuleIO`: the seed's layout functions and torch 2.x's
+:class:`~shardwise._engine.io.ModuleIO`: the seed's layout functions and torch 2.x's
 ``input_layouts``/``output_layouts`` both become placements, and each placement
 transition one autograd-aware collective from :mod:`shardwise._engine.collectives`. A user's own
 function, or a transition with no local recipe, runs through DTensor (slower, same values).
@@ -27,11 +27,12 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
-from ..layouts import ModuleIO, PrepareFn, Role, io_from_functions, normalize
+from ..layouts import io_from_functions
 from . import collectives as C
 from . import sequence_gather as SG
 from .entry_cache import shared_entry
 from .forward import ParallelForward, check_not_parallelized
+from .io import ModuleIO, PrepareFn, Role, normalize
 from .local_params import distribute_parameter, local_param
 from .redistribute import input_to_local, output_from_local
 

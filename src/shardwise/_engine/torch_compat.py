@@ -16,7 +16,7 @@ attribute                           where                                  why
 ``DTensor._spec``                   grad_handoff (:func:`dtensor_like`)    a gradient with its parameter's
                                                                            layout, without redistribution
 ``Tensor._base``, ``._version``     sharded_linear (entry cache),          which activation a view is, and
-                                    attention_heads                        whether it changed in place
+                                    styles.heads                           whether it changed in place
 ``Module._parameters``              sharded_linear, ties, local_params     the registered parameter itself,
                                                                            bypassing ``__getattr__``
 ``MultiheadAttention.``             multihead_attention_tp                 nn.MultiheadAttention's own flag

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import Replicate
 
-from ..style import ColwiseParallel, RowwiseParallel
+from ..styles.linear import ColwiseParallel, RowwiseParallel
 from ..testing.models import GPTBlock, gpt_block_plan
 
 __all__ = ["VOCAB", "CharLM", "decode", "encode", "plan", "stdlib_corpus", "verify_case"]

@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         >>> run(parser.parse_args(["explain", "config.json", "--tp", "8"]))
         0
     """
-    from ..explainer import explain
+    from ..diagnostics.explain import explain
 
     if args.tp < 1:
         raise SystemExit(f"shardwise explain: --tp must be at least 1, got {args.tp}")

@@ -51,7 +51,7 @@ def _on_rank(spec: str, steps: int, atol: float | None, rtol: float | None) -> A
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from ..verify import verify
+    from ..diagnostics.verify import verify
     from .factory import build
 
     model, plan, inputs = build(spec)

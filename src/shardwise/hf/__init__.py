@@ -18,7 +18,7 @@ Example::
     >>> model = parallelize_hf(model, init_device_mesh("cpu", (2,)))
 """
 
-from ..attention_heads import AttentionHeads, ColwiseHeads, HeadLayout, RowwiseHeads, head_layout
+from ..styles.heads import AttentionHeads, ColwiseHeads, HeadLayout, RowwiseHeads, head_layout
 from .conv1d import ColwiseConv1D, RowwiseConv1D, is_conv1d
 from .loading import from_pretrained
 from .plans import SUPPORTED_MODEL_TYPES, auto_plan, parallelize_hf, translate_tp_plan

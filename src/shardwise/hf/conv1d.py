@@ -39,7 +39,7 @@ from .._engine import collectives as C
 from .._engine.forward import ParallelForward, check_not_parallelized
 from .._engine.local_params import distribute_parameter, local_param
 from .._engine.torch_compat import StridedShard
-from ..style import ModuleStyle
+from ..styles.base import ModuleStyle
 
 __all__ = ["ColwiseConv1D", "RowwiseConv1D", "is_conv1d"]
 

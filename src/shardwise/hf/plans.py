@@ -3,7 +3,7 @@
 :func:`auto_plan` starts from the model's own plan where transformers ships one (the
 config's ``base_model_tp_plan`` plus the class ``_tp_plan``, e.g. Llama, Qwen2, Mistral),
 translating its style strings to shardwise styles, and from the module structure
-otherwise (GPT-2, BERT). It then puts an :class:`~shardwise.attention_heads.AttentionHeads`
+otherwise (GPT-2, BERT). It then puts an :class:`~shardwise.styles.heads.AttentionHeads`
 entry in front of each attention module's projections, so a head count that does not
 split fails by name before any weight moves.
 
@@ -46,12 +46,13 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate
 
 from ..api import parallelize_module
-from ..attention_heads import AttentionHeads, ColwiseHeads, RowwiseHeads, head_layout
-from ..auto import register_auto_plan
 from ..layouts import make_input_replicate_1d, make_output_tensor
 from ..mesh import tp_submesh
-from ..style import ColwiseParallel, ParallelStyle, RowwiseParallel
-from ..ties import tied_groups
+from ..planning.auto import register_auto_plan
+from ..planning.ties import tied_groups
+from ..styles.base import ParallelStyle
+from ..styles.heads import AttentionHeads, ColwiseHeads, RowwiseHeads, head_layout
+from ..styles.linear import ColwiseParallel, RowwiseParallel
 from .conv1d import ColwiseConv1D, RowwiseConv1D
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "auto_plan", "parallelize_hf", "translate_tp_plan"]
@@ -343,7 +344,7 @@ def auto_plan(
         tp_size: the tensor-parallel size the plan is for. ``None`` gives the plain plan
             (whole heads per rank; an indivisible head count fails when it is applied).
             With a size, attention whose heads do not split evenly gets
-            :class:`~shardwise.attention_heads.ColwiseHeads`/``RowwiseHeads`` (key/value heads
+            :class:`~shardwise.styles.heads.ColwiseHeads`/``RowwiseHeads`` (key/value heads
             replicated, query heads split by key/value group).
         vocab_parallel: shard the input embeddings over the vocabulary, and a tied
             output head with them (one parameter, ``Shard(0)``). On by default: it saves

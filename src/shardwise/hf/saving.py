@@ -32,7 +32,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ..checkpoint import _fsync, _on_rank0, _remove, _swap_in
+from .._engine.consensus import on_rank0
+from ..checkpoint.files import fsync, remove, swap_in
 from .loading import INDEX_FILE, SINGLE_FILE
 
 __all__ = ["save_pretrained", "shard_size_bytes"]
@@ -135,7 +136,7 @@ def save_pretrained(
     failure: Exception | None = None
     if rank0:
         try:
-            _remove(staging)
+            remove(staging)
             staging.mkdir(parents=True)
         except Exception as exc:  # noqa: BLE001 - reported to every rank below
             failure = exc
@@ -149,14 +150,14 @@ def save_pretrained(
         if rank0 and failure is None:
             try:
                 save_file(tensors, os.fspath(staging / file), metadata={"format": "pt"})
-                _fsync(staging / file)
+                fsync(staging / file)
             except Exception as exc:  # noqa: BLE001 - keep gathering: the others are
                 failure = exc
         del tensors
 
     def publish() -> None:
         if failure is not None:
-            _remove(staging)
+            remove(staging)
             raise failure
         try:
             if count > 1:
@@ -173,10 +174,10 @@ def save_pretrained(
             generation = getattr(hf_model, "generation_config", None)
             if generation is not None and hf_model.can_generate():
                 generation.save_pretrained(staging)
-            _fsync(staging)
-            _swap_in(staging, target)
+            fsync(staging)
+            swap_in(staging, target)
         except BaseException:
-            _remove(staging)
+            remove(staging)
             raise
 
-    _on_rank0(publish)
+    on_rank0(publish)

@@ -100,13 +100,9 @@ def gpt_block_plan(sequence_parallel: bool = False, *, batch_first: bool = False
     """
     from torch.distributed.tensor import Shard
 
-    from ..style import (
-        ColwiseParallel,
-        RowwiseParallel,
-        SequenceParallel,
-        make_input_reshard_replicate,
-        make_output_reshard_tensor,
-    )
+    from ..layouts import make_input_reshard_replicate, make_output_reshard_tensor
+    from ..styles.composite import SequenceParallel
+    from ..styles.linear import ColwiseParallel, RowwiseParallel
 
     if sequence_parallel and batch_first:
         col, row = ColwiseParallel(input_layouts=Shard(1)), RowwiseParallel(output_layouts=Shard(1))

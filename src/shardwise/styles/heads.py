@@ -44,11 +44,11 @@ from torch import nn
 from torch.distributed import ProcessGroup
 from torch.distributed.tensor import Replicate, Shard
 
-from ._engine import collectives as C
-from ._engine.entry_cache import shared_entry
-from ._engine.forward import ParallelForward, check_not_parallelized
-from ._engine.local_params import distribute_parameter, local_param
-from .style import ModuleStyle
+from .._engine import collectives as C
+from .._engine.entry_cache import shared_entry
+from .._engine.forward import ParallelForward, check_not_parallelized
+from .._engine.local_params import distribute_parameter, local_param
+from .base import ModuleStyle
 
 __all__ = ["AttentionHeads", "ColwiseHeads", "HeadLayout", "RowwiseHeads", "head_layout"]
 

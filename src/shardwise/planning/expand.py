@@ -2,7 +2,7 @@
 
 A plan is one style for the whole model, or a dict from FQN (atoms may be globs,
 ``"layers.*.mlp"``; values may be nested dicts) to a style. Expansion resolves every
-key to the modules it names, asks each style to :meth:`~shardwise.style_base.ModuleStyle.expand`
+key to the modules it names, asks each style to :meth:`~shardwise.styles.base.ModuleStyle.expand`
 itself into primitive entries, and returns them in order as ``{fqn: style}``. Nothing
 here touches the model or communicates: the same plan gives the same flat plan on
 every rank, which ``parallelize_module`` then checks and applies.
@@ -22,9 +22,9 @@ from typing import Any
 
 from torch import nn
 
+from ..styles.base import ModuleStyle, ParallelStyle, PlanContext, PlanMesh, join_fqn
+from ..styles.composite import as_module_style
 from .agreement import describe_style
-from .style import as_module_style
-from .style_base import ModuleStyle, ParallelStyle, PlanContext, PlanMesh, join_fqn
 
 __all__ = ["Entry", "Plan", "check_entries", "expand_entries", "expand_plan"]
 

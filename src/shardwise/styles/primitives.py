@@ -29,17 +29,17 @@ from typing import Any, ClassVar
 from torch import nn
 from torch.distributed.tensor import Placement, Replicate
 
-from ._engine.sequence_norm import check_norm, is_norm, shard_norm
-from ._engine.torch_compat import DropoutBase
-from .layouts import ModuleIO
-from .multihead_attention_tp import (
+from .._engine.io import ModuleIO
+from .._engine.sequence_norm import check_norm, is_norm, shard_norm
+from .._engine.torch_compat import DropoutBase
+from ..multihead_attention_tp import (
     TensorParallelMultiheadAttention,
     check_attention,
     parallelize_attention,
 )
-from .pairwise import shard_sequence_io
-from .random import shard_dropout
-from .style_base import ModuleStyle, SharedRNG
+from ..random import shard_dropout
+from .base import ModuleStyle, SharedRNG
+from .mlp_pairs import shard_sequence_io
 
 __all__ = [
     "ATTENTION_TYPES",

@@ -1,7 +1,7 @@
 """The report of :func:`shardwise.verify`, and the comparisons that write it.
 
 :class:`Judge` walks the reference's records in execution order, compares each with
-the TP ranks' pieces (:mod:`shardwise.verify_record`), and turns the first difference
+the TP ranks' pieces (:mod:`shardwise.diagnostics.verify_record`), and turns the first difference
 into a :class:`Divergence` that says where to look, in words.
 
 Example::

@@ -174,6 +174,16 @@ def refusal_reason(exc: BaseException) -> str:
 # -- single files ----------------------------------------------------------------------
 
 
+def load_weights_only(path: Path, what: str) -> Any:
+    """``torch.load(path, weights_only=True)``; a refusal raises naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any refusal is reported the same way
+        raise RuntimeError(
+            f"refusing '{path}' ({what}): it does not load with weights_only=True ({refusal_reason(exc)})"
+        ) from None
+
+
 def tensor_crc(t: torch.Tensor) -> str:
     """CRC-32 of a CPU tensor's bytes, read in place (no copy for a contiguous tensor)."""
     t = t.detach().contiguous()

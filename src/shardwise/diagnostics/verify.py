@@ -40,9 +40,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
-from ._engine import collectives as C
-from .api import Plan, parallelize_module
-from .optim import foreach_param_groups
+from .._engine import collectives as C
+from ..api import Plan, parallelize_module
+from ..optim import foreach_param_groups
 from .verify_record import Piece, Recorder, first_tensor, piece, tolerances
 from .verify_report import Divergence, Judge, VerifyResult
 
@@ -350,7 +350,7 @@ def verify(
             f"processes, so they must pickle ({exc}). Pass module-level functions or classes "
             "instead of lambdas, or call verify(..., mesh=mesh) inside your own job."
         ) from exc
-    from .testing.pool import RankPool
+    from ..testing.pool import RankPool
 
     with RankPool(tp_size) as pool:
         result: VerifyResult = pool.run(_on_rank, *payload, timeout=600.0)[0]

@@ -9,7 +9,7 @@ and backward as rank 0. What it reports is what that run did, not a formula:
   holds the most (``torch.chunk`` gives the first ranks the larger pieces);
 * collectives: every all-reduce, all-gather and reduce-scatter the forward and the
   backward issue on the TP group, counted and sized from the c10d ops themselves
-  (:class:`~shardwise.dryrun.CollectiveLog`), so the shared entry collective of q/k/v
+  (:class:`~shardwise.diagnostics.dryrun.CollectiveLog`), so the shared entry collective of q/k/v
   and the sequence-parallel norm gradient all-reduces are in it exactly as they run;
 * activations: bytes of the distinct storages autograd saves in the forward, leaving
   out parameters; attention is counted as the fused CPU kernel saves it;
@@ -38,13 +38,12 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 from torch.utils import _pytree as pytree
 
-from ._engine.collectives import chunk_range
-from .api import parallelize_module
+from .._engine.collectives import chunk_range
+from ..api import parallelize_module
+from ..planning.expand import resolve
+from ..styles.base import ParallelStyle, join_fqn
 from .dryrun import CollectiveLog, fake_tp_mesh, flash_attention_on_meta, saved_activation_bytes
-from .expand import resolve
 from .explain_report import ExplainReport, pattern
-from .style import ParallelStyle
-from .style_base import join_fqn
 
 __all__ = ["OPTIMIZER_STATES", "ExplainReport", "explain", "meta_copy", "module_rows", "planned_styles"]
 
@@ -107,7 +106,7 @@ def explain(
         raise ValueError(f"optimizer must be one of {known}, got {optimizer!r}")
     meta = meta_copy(model, dtype)
     if isinstance(plan, str) and plan == "auto":
-        from .auto import auto_plan
+        from ..planning.auto import auto_plan
 
         plan = auto_plan(meta, tp_size=tp_size)
     args, kwargs = _inputs(meta, example_inputs, batch_size, seq_len, dtype)
@@ -309,7 +308,7 @@ def _loss(out: Any) -> torch.Tensor:
 def _warnings(
     model: nn.Module, styles: Mapping[str, ParallelStyle], tp: int, total: int
 ) -> list[str]:
-    from .attention_heads import AttentionHeads, head_layout
+    from ..styles.heads import AttentionHeads, head_layout
 
     out: list[str] = []
     if tp == 1:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import Placement
 
-from .random import TensorParallelRNG
+from ..random import TensorParallelRNG
 
 __all__ = [
     "ModuleStyle", "ParallelStyle", "PlanContext", "PlanMesh", "PrepareFn", "SharedRNG", "join_fqn",

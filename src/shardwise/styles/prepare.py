@@ -40,9 +40,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Shard
 
-from ._engine.redistribute import global_shape, local_redistribute, wrap
-from .layouts import as_placement, normalize
-from .style import ModuleStyle
+from .._engine.io import as_placement, normalize
+from .._engine.redistribute import global_shape, local_redistribute, wrap
+from .base import ModuleStyle
 
 __all__ = ["PrepareModuleInput", "PrepareModuleInputOutput", "PrepareModuleOutput"]
 
@@ -103,7 +103,7 @@ class PrepareModuleInput(ModuleStyle):
     * Output (what the module receives): ``desired_input_layouts``, as DTensors
       (default) or local tensors (``use_local_output=True``).
     * Forward: one collective per argument whose layout changes (table in
-      :mod:`shardwise.prepare`). Backward: the mirror collective.
+      :mod:`shardwise.styles.prepare`). Backward: the mirror collective.
 
     Keyword Args:
         input_layouts: a placement or a tuple, one entry per positional argument.

@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageIn
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import ReadItem
 
-from ._integrity import refusal_reason
+from .integrity import refusal_reason
 
 _METADATA_CLASSES = (
     "BytesStorageMetadata",

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from ._engine import collectives as C
-from ._engine.torch_compat import DropoutBase
-from .layouts import Role
+from .._engine import collectives as C
+from .._engine.io import Role
+from .._engine.torch_compat import DropoutBase
 
 __all__ = [
     "dropouts_inside_pairs",
