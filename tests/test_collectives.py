@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models import MLP
-from shardwise import PairwiseParallel, SequenceParallel, parallelize_module, save_gathered_input
+from shardwise import PairwiseParallel, SequenceParallel, parallelize_module
 from shardwise.testing import check_parity, mesh_of
 from shardwise.testing.comms import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, fwd_bwd_counts
 from shardwise.testing.models import GPTBlock, GPTStack, gpt_block_plan
@@ -19,24 +19,18 @@ AR, AG, RS = ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER
 
 def _mlp_counts(world: int, sp: bool, save_gathered: bool = False) -> tuple[dict, dict]:
     torch.manual_seed(0)
-    model = parallelize_module(MLP(), mesh_of(world), SequenceParallel() if sp else PairwiseParallel())
-    previous = save_gathered_input(save_gathered)
-    try:
-        return fwd_bwd_counts(model, torch.randn(8 // world if sp else 8, 2, 16))
-    finally:
-        save_gathered_input(previous)
+    style = SequenceParallel(save_gathered_input=save_gathered) if sp else PairwiseParallel()
+    model = parallelize_module(MLP(), mesh_of(world), style)
+    return fwd_bwd_counts(model, torch.randn(8 // world if sp else 8, 2, 16))
 
 
 def _block_counts(world: int, sp: bool, depth: int, save_gathered: bool = False) -> tuple[dict, dict]:
     torch.manual_seed(0)
     model = GPTStack(32, 4, depth)
-    model = parallelize_module(model, mesh_of(world), {"blocks.*": gpt_block_plan(sp)})
+    plan = gpt_block_plan(sp, save_gathered_input=save_gathered)
+    model = parallelize_module(model, mesh_of(world), {"blocks.*": plan})
     seq = 16 // world if sp else 16
-    previous = save_gathered_input(save_gathered)
-    try:
-        return fwd_bwd_counts(model, torch.randn(seq, 2, 32))
-    finally:
-        save_gathered_input(previous)
+    return fwd_bwd_counts(model, torch.randn(seq, 2, 32))
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from shardwise import parallelize_module, save_gathered_input
+from shardwise import parallelize_module
 from shardwise.testing import mesh_of
 from shardwise.testing.memory import saved_activation_bytes
 from shardwise.testing.models import GPTStack, gpt_block_plan
@@ -60,16 +60,12 @@ def _activation_ratios(world: int) -> dict[str, float]:
         single = saved_activation_bytes(ref, x.clone().requires_grad_())
         layout = "batch_first" if batch_first else "seq_first"
         for sp in (False, True):
-            plan = {"blocks.*": gpt_block_plan(sp, batch_first=batch_first)}
-            model = parallelize_module(copy.deepcopy(ref), mesh_of(world), plan)
             xin = x.chunk(world, 1 if batch_first else 0)[rank] if sp else x
             modes = (False, True) if sp else (False,)
             for save_gathered in modes:
-                previous = save_gathered_input(save_gathered)
-                try:
-                    got = saved_activation_bytes(model, xin.clone().requires_grad_())
-                finally:
-                    save_gathered_input(previous)
+                block = gpt_block_plan(sp, batch_first=batch_first, save_gathered_input=save_gathered)
+                model = parallelize_module(copy.deepcopy(ref), mesh_of(world), {"blocks.*": block})
+                got = saved_activation_bytes(model, xin.clone().requires_grad_())
                 key = f"{layout}/{'sp' if sp else 'tp'}{'+gathered' if save_gathered else ''}"
                 out[key] = got / (single / world)
     return out

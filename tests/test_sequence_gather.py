@@ -8,24 +8,21 @@ import copy
 import pytest
 import torch
 
-from shardwise import parallelize_module, save_gathered_input
+from shardwise import parallelize_module
 from shardwise.testing import check_parity, full, mesh_of
 from shardwise.testing.models import GPTStack, gpt_block_plan
 
 
 def _parity(world: int, batch_first: bool, save_gathered: bool) -> int:
-    previous = save_gathered_input(save_gathered)
-    try:
-        report = check_parity(
-            lambda: GPTStack(32, 4, depth=2, batch_first=batch_first),
-            {"blocks.*": gpt_block_plan(True, batch_first=batch_first)},
-            mesh_of(world),
-            lambda step: torch.randn(2, 8, 32) if batch_first else torch.randn(8, 2, 32),
-            sequence_dim=1 if batch_first else 0,
-            steps=2,
-        )
-    finally:
-        save_gathered_input(previous)
+    plan = gpt_block_plan(True, batch_first=batch_first, save_gathered_input=save_gathered)
+    report = check_parity(
+        lambda: GPTStack(32, 4, depth=2, batch_first=batch_first),
+        {"blocks.*": plan},
+        mesh_of(world),
+        lambda step: torch.randn(2, 8, 32) if batch_first else torch.randn(8, 2, 32),
+        sequence_dim=1 if batch_first else 0,
+        steps=2,
+    )
     return report.grads
 
 

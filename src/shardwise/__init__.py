@@ -9,7 +9,6 @@ Example::
 """
 
 from . import hf as hf  # registers Hugging Face models with auto_plan
-from ._engine.sequence_gather import save_gathered_input
 from .api import parallelize_module
 from .clip_grad import clip_grad_norm_
 from .diagnostics.explain import explain
@@ -71,6 +70,5 @@ __all__ = [
     "parallelize_module",
     "verify",
     "register_auto_plan",
-    "save_gathered_input",
     "vocab_parallel_cross_entropy",
 ]

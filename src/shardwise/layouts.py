@@ -28,7 +28,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
-from ._engine.io import ModuleIO, PrepareFn, Role, natural_output
+from ._engine.io import ModuleIO, PrepareFn
 
 __all__ = [
     "io_from_functions",
@@ -222,22 +222,23 @@ _SEED_OUTPUTS: dict[Any, tuple[Placement | None, bool]] = {
 
 
 def io_from_functions(
-    role: Role, prepare_input: PrepareFn | None, prepare_output: PrepareFn | None
+    natural: Placement, prepare_input: PrepareFn | None, prepare_output: PrepareFn | None
 ) -> ModuleIO:
     """The :class:`ModuleIO` of the seed's ``(_prepare_input, _prepare_output)`` pair.
 
-    The seed's own functions are recognised by identity and become placements (and so
-    local collectives); any other function is kept and runs on DTensors.
+    ``natural`` is the layout the module computes (``Shard(-1)`` column-wise, ``Partial()``
+    row-wise), kept by :func:`make_sharded_output_tensor`. The seed's own functions are
+    recognised by identity and become placements (and so local collectives); any other
+    function is kept and runs on DTensors.
 
     Example::
 
-        >>> io_from_functions("colwise", make_input_reshard_replicate, make_output_tensor)
+        >>> io_from_functions(Shard(-1), make_input_reshard_replicate, make_output_tensor)
         ModuleIO(input_layout=Shard(dim=0), output_layout=Replicate(), use_local_output=True, ...)
     """
     in_layout, in_fn = _SEED_INPUTS.get(prepare_input), None
     if prepare_input is not None and in_layout is None:
         in_fn = prepare_input
-    natural = natural_output(role)
     if prepare_output in _SEED_OUTPUTS:
         layout, local = _SEED_OUTPUTS[prepare_output]
         return ModuleIO(in_layout, layout or natural, local, in_fn)

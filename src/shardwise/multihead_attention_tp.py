@@ -32,7 +32,7 @@ from torch.distributed.tensor import DTensor
 
 from ._engine import collectives as C
 from ._engine.io import ModuleIO
-from ._engine.sharded_linear import Role, check_linear, parallelize_linear
+from ._engine.sharded_linear import ColumnLinearForward, RowLinearForward
 
 __all__ = ["TensorParallelMultiheadAttention", "check_attention", "parallelize_attention"]
 
@@ -394,8 +394,8 @@ def check_attention(module: nn.Module, fqn: str, world: int) -> None:
     prefix = f"{fqn}." if fqn else ""
     for child, linear in module.named_children():
         if isinstance(linear, nn.Linear):
-            role: Role = "rowwise" if child == "proj" else "colwise"
-            check_linear(linear, prefix + child, role, world)  # also: not parallelized twice
+            forward = RowLinearForward if child == "proj" else ColumnLinearForward
+            forward.check(linear, prefix + child, world)  # also: not parallelized twice
 
 
 def parallelize_attention(
@@ -420,6 +420,6 @@ def parallelize_attention(
     if not isinstance(module, TensorParallelMultiheadAttention):
         raise TypeError(f"expected an attention module, got {type(module).__name__}")
     for linear in module._in_projections():
-        parallelize_linear(linear, mesh, "colwise", input_io)
-    parallelize_linear(module.proj, mesh, "rowwise", output_io)
+        ColumnLinearForward.parallelize(linear, mesh, input_io)
+    RowLinearForward.parallelize(module.proj, mesh, output_io)
     return module

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from torch.distributed.tensor import Partial, Placement, Shard
+from torch.distributed.tensor import Placement, Shard
 
-__all__ = ["ModuleIO", "PrepareFn", "Role", "as_placement", "natural_output", "normalize"]
+__all__ = ["ModuleIO", "PrepareFn", "as_placement", "normalize"]
 
 PrepareFn = Callable[..., Any]
-Role = Literal["colwise", "rowwise"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +32,9 @@ class ModuleIO:
       to, and whether the caller gets its local tensor or the DTensor.
     * ``input_fn`` / ``output_fn``: a user's own seed-style function with no placement
       equivalent; it runs on DTensors (slower, same values).
+    * ``save_gathered_input``: a column layer fed a sequence shard saves the gathered
+      input for backward (no extra collective, t times the memory) instead of the shard,
+      which it all-gathers again in backward (Megatron-LM's scheme, the default).
 
     Example::
 
@@ -44,17 +46,7 @@ class ModuleIO:
     use_local_output: bool = True
     input_fn: PrepareFn | None = None
     output_fn: PrepareFn | None = None
-
-
-def natural_output(role: Role) -> Placement:
-    """The layout a column/row-parallel module produces before any output redistribution.
-
-    Example::
-
-        >>> natural_output("rowwise")
-        P(sum)
-    """
-    return Shard(-1) if role == "colwise" else Partial()
+    save_gathered_input: bool = False
 
 
 def as_placement(value: Any, what: str) -> Placement | None:

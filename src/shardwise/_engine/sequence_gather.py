@@ -24,16 +24,17 @@ Which is better:
 * saving the shard (the default) divides every column layer's saved input by t, the
   point of sequence parallelism; it costs one extra all-gather per gathered activation
   in backward, mostly hidden behind the input-gradient matmul;
-* saving the gathered input (:func:`save_gathered_input(True) <save_gathered_input>`) is
-  the older behaviour: no extra collective, but (t-1)/t of each gathered input more
-  memory per layer. Prefer it when activations are small next to the weights (short
+* saving the gathered input (``ColwiseParallel(..., save_gathered_input=True)`` or
+  ``SequenceParallel(save_gathered_input=True)``, decided per layer when its forward is
+  installed) costs no extra collective, but (t-1)/t of each gathered input more memory
+  per layer. Prefer it when activations are small next to the weights (short
   sequences, small batches: the whole step's activations fit easily) and the step
   time is dominated by latency, not bandwidth, e.g. gloo or many small layers.
 
 Example::
 
-    >>> save_gathered_input(True)    # opt back into the older, memory-heavier behaviour
-    False
+    >>> parallelize_module(model, mesh, {"q": ColwiseParallel(input_layouts=Shard(1),
+    ...                                                     save_gathered_input=True)})
 """
 
 from __future__ import annotations
@@ -45,39 +46,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
-__all__ = ["linear_saving_shard", "save_gathered_input", "saves_gathered_input"]
+__all__ = ["linear_saving_shard"]
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-_SAVE_GATHERED = False
-
-
-def save_gathered_input(enabled: bool) -> bool:
-    """Choose what sequence-parallel column layers save for backward; returns the old choice.
-
-    ``False`` (the default): the sequence shard, all-gathered again in backward
-    (Megatron-LM's scheme; activation memory / t). ``True``: the gathered input (no
-    extra collective, t times the memory). Applies to forwards run after the call.
-
-    Example::
-
-        >>> previous = save_gathered_input(True)
-    """
-    global _SAVE_GATHERED
-    previous, _SAVE_GATHERED = _SAVE_GATHERED, bool(enabled)
-    return previous
-
-
-def saves_gathered_input() -> bool:
-    """Whether sequence-parallel column layers currently save their gathered input.
-
-    Example::
-
-        >>> saves_gathered_input()
-        False
-    """
-    return _SAVE_GATHERED
-
 
 class _Regather:
     """The gathered input of the column layers that read one sequence shard, rebuilt in backward.

@@ -21,7 +21,8 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,64 +32,72 @@ from torch.distributed.tensor import Partial, Placement, Replicate, Shard
 
 from .collectives import chunk_range
 from .forward import ParallelForward, check_not_parallelized
-from .io import ModuleIO, Role
+from .io import ModuleIO
 from .local_params import distribute_parameter, local_param
 from .redistribute import input_to_local, output_from_local
 from .sharded_linear import check_shardable
 
-__all__ = ["check_embedding", "embedding_placements", "parallelize_embedding"]
-
-
-def check_embedding(module: nn.Module, fqn: str, role: Role, world: int) -> None:
-    """Raise, without communicating, if ``module`` cannot be sharded ``role``-wise over ``world``.
-
-    Example::
-
-        >>> check_embedding(nn.Embedding(3, 8), "tok", "rowwise", 4)
-        Traceback (most recent call last):
-        ValueError: tok: RowwiseParallel cannot shard num_embeddings=3 over 4 ranks ...
-    """
-    name = fqn or type(module).__name__
-    style = "ColwiseParallel" if role == "colwise" else "RowwiseParallel"
-    if not isinstance(module, nn.Embedding):
-        raise RuntimeError(f"Expect a torch.nn.Embedding module but received {type(module)}!")
-    check_not_parallelized(module, name)
-    unsupported = [
-        ("max_norm", module.max_norm is not None),
-        ("sparse=True", module.sparse),
-        ("scale_grad_by_freq=True", role == "rowwise" and module.scale_grad_by_freq),
-    ]
-    for feature, on in unsupported:
-        if on:
-            raise NotImplementedError(
-                f"{name}: {style} on nn.Embedding does not support {feature}."
-            )
-    if role == "colwise":
-        check_shardable(name, style, "embedding_dim", module.embedding_dim, world)
-    else:
-        check_shardable(name, style, "num_embeddings", module.num_embeddings, world)
+__all__ = ["ColumnEmbeddingForward", "RowEmbeddingForward", "ShardedEmbeddingForward"]
 
 
 class ShardedEmbeddingForward(ParallelForward):
     """The forward installed on a parallelized ``nn.Embedding`` (bound to it as a method)."""
 
-    def __init__(self, role: Role, mesh: DeviceMesh, io: ModuleIO, module: nn.Embedding) -> None:
-        self.role = role
+    style: ClassVar[str]  # the style that installs it, for messages
+    sharded_feature: ClassVar[str]  # the nn.Embedding attribute split over the group
+    placements: ClassVar[Mapping[str, Placement]]  # of ``weight``
+    natural_output: ClassVar[Placement]  # the layout of the local lookup, before any move
+    unsupported: ClassVar[tuple[str, ...]] = ("max_norm", "sparse")
+
+    @classmethod
+    def check(cls, module: nn.Module, fqn: str, world: int) -> None:
+        """Raise, without communicating, if ``module`` cannot be sharded over ``world`` ranks.
+
+        Example::
+
+            >>> RowEmbeddingForward.check(nn.Embedding(3, 8), "tok", 4)
+            Traceback (most recent call last):
+            ValueError: tok: RowwiseParallel cannot shard num_embeddings=3 over 4 ranks ...
+        """
+        name = fqn or type(module).__name__
+        if not isinstance(module, nn.Embedding):
+            raise RuntimeError(f"Expect a torch.nn.Embedding module but received {type(module)}!")
+        check_not_parallelized(module, name)
+        for feature in cls.unsupported:
+            if getattr(module, feature) not in (None, False):
+                label = feature if feature == "max_norm" else f"{feature}=True"
+                raise NotImplementedError(
+                    f"{name}: {cls.style} on nn.Embedding does not support {label}."
+                )
+        size = getattr(module, cls.sharded_feature)
+        check_shardable(name, cls.style, cls.sharded_feature, size, world)
+
+    @classmethod
+    def parallelize(cls, module: nn.Embedding, mesh: DeviceMesh, io: ModuleIO) -> nn.Embedding:
+        """Shard ``module``'s weight on the 1-D ``mesh`` and install this forward.
+
+        Call :meth:`check` first: this communicates (it scatters the weight).
+
+        Example::
+
+            >>> RowEmbeddingForward.parallelize(model.tok, mesh, ModuleIO(Replicate(), Replicate()))
+        """
+        for name, placement in cls.placements.items():
+            distribute_parameter(module, name, mesh, placement)
+        cls(mesh, io, module).install(module)
+        return module
+
+    def __init__(self, mesh: DeviceMesh, io: ModuleIO, module: nn.Embedding) -> None:
         self.mesh = mesh
         self.io = io
         self.group = mesh.get_group()
         self.input_layout = io.input_layout if io.input_fn is None else None
         self.output_layout = io.output_layout if io.output_fn is None else None
         self.dim = module.embedding_dim
-        world, rank = mesh.size(), mesh.get_local_rank()
-        self.start, self.rows = chunk_range(module.num_embeddings, world, rank)
-        pad = module.padding_idx
-        if role == "rowwise" and pad is not None:
-            pad = pad - self.start if self.start <= pad < self.start + self.rows else None
-        self.padding_idx = pad  # in local row numbers; None where this rank lacks the row
+        self.padding_idx = module.padding_idx
 
     def __repr__(self) -> str:
-        return f"ShardedEmbeddingForward({self.role}, {self.io})"
+        return f"{type(self).__name__}({self.io})"
 
     def __call__(self, module: nn.Embedding, *args: Any, **kwargs: Any) -> Any:
         if not args:
@@ -96,11 +105,46 @@ class ShardedEmbeddingForward(ParallelForward):
         ids = input_to_local(args[0], self.io, Replicate(), self.mesh)  # every id, every rank
         w = local_param(module.weight)
         assert w is not None  # an Embedding always has a weight
-        if self.role == "colwise":
-            y = F.embedding(
-                ids, w, self.padding_idx, scale_grad_by_freq=module.scale_grad_by_freq
-            )  # [..., D/W] Shard(-1)
-            return output_from_local(y, Shard(-1), self.io, self.mesh, size=self.dim)
+        return self._lookup(module, ids, w)
+
+    def _lookup(self, module: nn.Embedding, ids: torch.Tensor, w: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+
+class ColumnEmbeddingForward(ShardedEmbeddingForward):
+    """Embedding-dim parallel: every id looked up in this rank's slice of the features."""
+
+    style = "ColwiseParallel"
+    sharded_feature = "embedding_dim"
+    placements = {"weight": Shard(1)}
+    natural_output = Shard(-1)
+
+    def _lookup(self, module: nn.Embedding, ids: torch.Tensor, w: torch.Tensor) -> Any:
+        y = F.embedding(
+            ids, w, self.padding_idx, scale_grad_by_freq=module.scale_grad_by_freq
+        )  # [..., D/W] Shard(-1)
+        return output_from_local(y, Shard(-1), self.io, self.mesh, size=self.dim)
+
+
+class RowEmbeddingForward(ShardedEmbeddingForward):
+    """Vocabulary parallel: this rank's rows for its ids, zeros elsewhere, then summed."""
+
+    style = "RowwiseParallel"
+    sharded_feature = "num_embeddings"
+    placements = {"weight": Shard(0)}
+    natural_output = Partial()
+    unsupported = ("max_norm", "sparse", "scale_grad_by_freq")
+
+    def __init__(self, mesh: DeviceMesh, io: ModuleIO, module: nn.Embedding) -> None:
+        super().__init__(mesh, io, module)
+        world, rank = mesh.size(), mesh.get_local_rank()
+        self.start, self.rows = chunk_range(module.num_embeddings, world, rank)
+        pad = module.padding_idx
+        if pad is not None:
+            pad = pad - self.start if self.start <= pad < self.start + self.rows else None
+        self.padding_idx = pad  # in local row numbers; None where this rank lacks the row
+
+    def _lookup(self, module: nn.Embedding, ids: torch.Tensor, w: torch.Tensor) -> Any:
         return output_from_local(self._vocab_lookup(ids, w), Partial(), self.io, self.mesh)
 
     def _vocab_lookup(self, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -116,31 +160,3 @@ class ShardedEmbeddingForward(ParallelForward):
         y = F.embedding(local_ids, w, self.padding_idx)  # [..., D]
         # Zeroing the borrowed rows also zeroes their gradient: row 0 only learns its own ids.
         return y.masked_fill(outside.unsqueeze(-1), 0.0)
-
-
-def embedding_placements(role: Role) -> dict[str, Placement]:
-    """Where a ``role``-parallel Embedding's weight lives: vocabulary rows or embedding dims.
-
-    Example::
-
-        >>> embedding_placements("rowwise")
-        {'weight': Shard(dim=0)}
-    """
-    return {"weight": Shard(1) if role == "colwise" else Shard(0)}
-
-
-def parallelize_embedding(
-    module: nn.Embedding, mesh: DeviceMesh, role: Role, io: ModuleIO
-) -> nn.Embedding:
-    """Shard ``module`` by vocabulary (``rowwise``) or embedding dim (``colwise``) on ``mesh``.
-
-    Call :func:`check_embedding` first: this function communicates (it scatters weights).
-
-    Example::
-
-        >>> parallelize_embedding(model.tok, mesh, "rowwise", ModuleIO(Replicate(), Replicate()))
-    """
-    for name, placement in embedding_placements(role).items():
-        distribute_parameter(module, name, mesh, placement)
-    ShardedEmbeddingForward(role, mesh, io, module).install(module)
-    return module

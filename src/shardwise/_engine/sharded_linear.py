@@ -13,11 +13,13 @@ output features.
 
 Example::
 
-    >>> shard_linear(model.fc1, mesh, "colwise", make_input_replicate_1d, make_sharded_output_tensor)
+    >>> ColumnLinearForward.check(model.fc1, "fc1", world=2)
+    >>> ColumnLinearForward.parallelize(model.fc1, mesh, ModuleIO(Replicate(), Shard(-1)))
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -27,25 +29,15 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
-from ..layouts import io_from_functions
 from . import collectives as C
-from . import sequence_gather as SG
 from .entry_cache import shared_entry
 from .forward import ParallelForward, check_not_parallelized
-from .io import ModuleIO, PrepareFn, Role, normalize
+from .io import ModuleIO, normalize
 from .local_params import distribute_parameter, local_param
 from .redistribute import input_to_local, output_from_local
+from .sequence_gather import linear_saving_shard
 
-__all__ = [
-    "ColumnLinearForward",
-    "Role",
-    "RowLinearForward",
-    "check_linear",
-    "check_shardable",
-    "linear_placements",
-    "parallelize_linear",
-    "shard_linear",
-]
+__all__ = ["ColumnLinearForward", "RowLinearForward", "ShardedLinearForward", "check_shardable"]
 
 
 def check_shardable(name: str, style: str, label: str, size: int, world: int) -> None:
@@ -64,31 +56,6 @@ def check_shardable(name: str, style: str, label: str, size: int, world: int) ->
             f"{name}: {style} cannot shard {label}={size} over {world} ranks: the "
             f"tensor-parallel size must not exceed it (uneven splits are fine)."
         )
-
-
-def check_linear(module: nn.Module, fqn: str, role: Role, world: int) -> None:
-    """Raise before any collective if ``module`` cannot be sharded ``role``-wise on ``world`` ranks.
-
-    Example::
-
-        >>> check_linear(nn.Linear(8, 3), "fc1", "colwise", 4)
-        Traceback (most recent call last):
-        ValueError: fc1: ColwiseParallel cannot shard out_features=3 over 4 ranks ...
-    """
-    name = fqn or type(module).__name__
-    if not isinstance(module, nn.Linear):
-        raise RuntimeError(
-            f"Expect a torch.nn.Linear module but received {type(module)}! "
-            f"({role} style on '{name}')"
-        )
-    check_not_parallelized(module, name)
-    features, label = (
-        (module.out_features, "out_features")
-        if role == "colwise"
-        else (module.in_features, "in_features")
-    )
-    style = "ColwiseParallel" if role == "colwise" else "RowwiseParallel"
-    check_shardable(name, style, label, features, world)
 
 
 class _AddBiasOnce(torch.autograd.Function):
@@ -120,7 +87,45 @@ class ShardedLinearForward(ParallelForward):
     short cut to the installed local parameters.
     """
 
-    role: ClassVar[Role]
+    style: ClassVar[str]  # the style that installs it, for messages
+    sharded_feature: ClassVar[str]  # the nn.Linear attribute split over the group
+    placements: ClassVar[Mapping[str, Placement]]  # of ``weight`` and ``bias``
+    natural_output: ClassVar[Placement]  # the layout of the local result, before any move
+
+    @classmethod
+    def check(cls, module: nn.Module, fqn: str, world: int) -> None:
+        """Raise, before any collective, if ``module`` cannot be sharded on ``world`` ranks.
+
+        Example::
+
+            >>> ColumnLinearForward.check(nn.Linear(8, 3), "fc1", 4)
+            Traceback (most recent call last):
+            ValueError: fc1: ColwiseParallel cannot shard out_features=3 over 4 ranks ...
+        """
+        name = fqn or type(module).__name__
+        if not isinstance(module, nn.Linear):
+            raise RuntimeError(
+                f"Expect a torch.nn.Linear module but received {type(module)}! "
+                f"({cls.style} on '{name}')"
+            )
+        check_not_parallelized(module, name)
+        size = getattr(module, cls.sharded_feature)
+        check_shardable(name, cls.style, cls.sharded_feature, size, world)
+
+    @classmethod
+    def parallelize(cls, module: nn.Linear, mesh: DeviceMesh, io: ModuleIO) -> nn.Linear:
+        """Shard ``module``'s parameters on the 1-D ``mesh`` and install this forward.
+
+        Call :meth:`check` first: this communicates (it scatters the weights).
+
+        Example::
+
+            >>> RowLinearForward.parallelize(mlp.fc2, mesh, ModuleIO(Shard(-1), Shard(1)))
+        """
+        for name, placement in cls.placements.items():
+            distribute_parameter(module, name, mesh, placement)
+        cls(mesh, io, module).install(module)
+        return module
 
     def __init__(self, mesh: DeviceMesh, io: ModuleIO, module: nn.Linear) -> None:
         self.mesh = mesh
@@ -191,13 +196,22 @@ class ShardedLinearForward(ParallelForward):
 
 
 class ColumnLinearForward(ShardedLinearForward):
-    """Column-parallel ``nn.Linear``: this rank's output features from the whole input."""
+    """Column-parallel ``nn.Linear``: this rank's output features from the whole input.
 
-    role: ClassVar[Role] = "colwise"
+    ``weight`` and ``bias`` ``Shard(0)``; the local result is ``Shard(-1)``.
+    """
+
+    style = "ColwiseParallel"
+    sharded_feature = "out_features"
+    placements = {"weight": Shard(0), "bias": Shard(0)}
+    natural_output = Shard(-1)
 
     def __init__(self, mesh: DeviceMesh, io: ModuleIO, module: nn.Linear) -> None:
         super().__init__(mesh, io, module)
         self.features = module.out_features  # the global size of the sharded dimension
+        # Fed a sequence shard: save the shard and all-gather it again in backward
+        # (Megatron's scheme), unless the style asks to save the gathered input.
+        self.regather = not io.save_gathered_input
 
     def __call__(self, module: nn.Linear, *args: Any, **kwargs: Any) -> Any:
         if not args:
@@ -225,7 +239,7 @@ class ColumnLinearForward(ShardedLinearForward):
                     "ag", x, group, dim, lambda: C.gather_from_sequence_region(x, group, dim)
                 )
                 if (
-                    SG.saves_gathered_input()
+                    not self.regather
                     or not torch.is_grad_enabled()
                     # (autocast has no meta device: explain's dry run computes on meta)
                     or (x.device.type != "meta" and torch.is_autocast_enabled(x.device.type))
@@ -236,14 +250,20 @@ class ColumnLinearForward(ShardedLinearForward):
                 ):
                     return F.linear(full, w, b)
                 # Save the sequence shard, not the gathered input (Megatron's scheme).
-                return SG.linear_saving_shard(full, x, w, b, group, dim)
+                return linear_saving_shard(full, x, w, b, group, dim)
         return F.linear(input_to_local(x, io, Replicate(), self.mesh, partial_grad=True), w, b)
 
 
 class RowLinearForward(ShardedLinearForward):
-    """Row-parallel ``nn.Linear``: partial sums over this rank's input features, then reduced."""
+    """Row-parallel ``nn.Linear``: partial sums over this rank's input features, then reduced.
 
-    role: ClassVar[Role] = "rowwise"
+    ``weight`` ``Shard(1)``, ``bias`` ``Replicate`` (added once); the local result is ``Partial``.
+    """
+
+    style = "RowwiseParallel"
+    sharded_feature = "in_features"
+    placements = {"weight": Shard(1), "bias": Replicate()}
+    natural_output = Partial()
 
     def __call__(self, module: nn.Linear, *args: Any, **kwargs: Any) -> Any:
         if not args:
@@ -281,53 +301,3 @@ def _is_last_dim_shard(placement: Any) -> bool:
 def _is_plain(x: Any) -> bool:
     # The exact type first: the common case, without two isinstance walks.
     return type(x) is torch.Tensor or (isinstance(x, torch.Tensor) and not isinstance(x, DTensor))
-
-
-def linear_placements(role: Role) -> dict[str, Placement]:
-    """Where a ``role``-parallel Linear's parameters live on the TP mesh.
-
-    Example::
-
-        >>> linear_placements("rowwise")
-        {'weight': Shard(dim=1), 'bias': Replicate()}
-    """
-    if role == "colwise":
-        return {"weight": Shard(0), "bias": Shard(0)}
-    return {"weight": Shard(1), "bias": Replicate()}
-
-
-def parallelize_linear(module: nn.Linear, mesh: DeviceMesh, role: Role, io: ModuleIO) -> nn.Linear:
-    """Shard ``module`` column- or row-wise on the 1-D ``mesh`` with input/output handling ``io``.
-
-    Column-wise: ``weight`` and ``bias`` ``Shard(0)``. Row-wise: ``weight`` ``Shard(1)``,
-    ``bias`` ``Replicate``. Call :func:`check_linear` first: this function communicates
-    (it scatters weights).
-
-    Example::
-
-        >>> parallelize_linear(mlp.fc2, mesh, "rowwise", ModuleIO(Shard(-1), Shard(1)))
-    """
-    for name, placement in linear_placements(role).items():
-        distribute_parameter(module, name, mesh, placement)
-    forward = ColumnLinearForward if role == "colwise" else RowLinearForward
-    forward(mesh, io, module).install(module)
-    return module
-
-
-def shard_linear(
-    module: nn.Linear,
-    mesh: DeviceMesh,
-    role: Role,
-    prepare_input: PrepareFn | None,
-    prepare_output: PrepareFn | None,
-) -> nn.Linear:
-    """:func:`parallelize_linear` with the seed's ``(_prepare_input, _prepare_output)`` pair.
-
-    Call :func:`check_linear` first: this function communicates (it scatters weights).
-
-    Example::
-
-        >>> shard_linear(mlp.fc2, mesh, "rowwise", make_input_shard_1d_last_dim, make_output_tensor)
-    """
-    io = io_from_functions(role, prepare_input, prepare_output)
-    return parallelize_linear(module, mesh, role, io)

@@ -28,7 +28,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -82,14 +82,18 @@ def _check(module: Any, fqn: str, style: str, features: int, label: str, split: 
 class _Conv1DForward(ParallelForward):
     """The local forward of a sharded Conv1D (bound to it as a method)."""
 
-    def __init__(self, role: Literal["colwise", "rowwise"], group: ProcessGroup) -> None:
-        self.role, self.group = role, group
-        # Column: replicated in, this rank's features out. Row: partial sums all-reduced.
-        self.input_layout = Replicate() if role == "colwise" else None
-        self.output_layout = Shard(-1) if role == "colwise" else Replicate()
+    def __init__(self, group: ProcessGroup) -> None:
+        self.group = group
 
     def __repr__(self) -> str:
-        return f"_Conv1DForward({self.role})"
+        return f"{type(self).__name__}()"
+
+
+class _ColumnConv1DForward(_Conv1DForward):
+    """Replicated input in, this rank's output features out."""
+
+    input_layout = Replicate()
+    output_layout = Shard(-1)
 
     def __call__(
         self, module: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any
@@ -97,12 +101,24 @@ class _Conv1DForward(ParallelForward):
         w, b = local_param(module.weight), local_param(module.bias)  # type: ignore[arg-type]
         assert w is not None
         lead = x.shape[:-1]
-        if self.role == "colwise":
-            if torch.is_grad_enabled() and x.requires_grad:
-                x = C.copy_to_region(x, self.group)  # f: all-reduce the input grad in backward
-            flat = x.reshape(-1, x.shape[-1])  # [N, nx]
-            y = flat @ w if b is None else torch.addmm(b, flat, w)  # [N, nf/W]
-            return y.view(*lead, -1)
+        if torch.is_grad_enabled() and x.requires_grad:
+            x = C.copy_to_region(x, self.group)  # f: all-reduce the input grad in backward
+        flat = x.reshape(-1, x.shape[-1])  # [N, nx]
+        y = flat @ w if b is None else torch.addmm(b, flat, w)  # [N, nf/W]
+        return y.view(*lead, -1)
+
+
+class _RowConv1DForward(_Conv1DForward):
+    """This rank's input features in, partial sums all-reduced, the bias added after."""
+
+    output_layout = Replicate()
+
+    def __call__(
+        self, module: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        w, b = local_param(module.weight), local_param(module.bias)  # type: ignore[arg-type]
+        assert w is not None
+        lead = x.shape[:-1]
         y = x.reshape(-1, x.shape[-1]) @ w  # [N, nx/W] @ [nx/W, nf]: a partial sum
         y = C.reduce_from_region(y, self.group)  # g: [N, nf] replicated
         if b is not None:
@@ -155,7 +171,7 @@ class ColwiseConv1D(ModuleStyle):
         """
         distribute_parameter(module, "weight", mesh, self._placement(1))
         distribute_parameter(module, "bias", mesh, self._placement(0))
-        _Conv1DForward("colwise", mesh.get_group()).install(module)
+        _ColumnConv1DForward(mesh.get_group()).install(module)
         return module
 
 
@@ -196,5 +212,5 @@ class RowwiseConv1D(ModuleStyle):
         """
         distribute_parameter(module, "weight", mesh, Shard(0))
         distribute_parameter(module, "bias", mesh, Replicate())
-        _Conv1DForward("rowwise", mesh.get_group()).install(module)
+        _RowConv1DForward(mesh.get_group()).install(module)
         return module

@@ -18,7 +18,6 @@ from torch import nn
 
 from .._engine.sequence_norm import is_norm
 from ..layouts import (
-    io_from_functions,
     make_input_replicate_1d,
     make_input_reshard_replicate,
     make_input_shard_1d_last_dim,
@@ -61,10 +60,12 @@ class PairwiseParallel(ModuleStyle):
         {'fc1': ColwiseParallel(...), 'fc2': RowwiseParallel(...)}
     """
 
+    save_gathered_input = False  # SequenceParallel's option; pairs without SP gather nothing
+
     def __init__(
         self, _prepare_input: PrepareFn | None = None, _prepare_output: PrepareFn | None = None
     ) -> None:
-        # The seed stores its defaults in place of ``None`` (SEMANTICS.md, section 2).
+        # The seed stores its defaults in place of ``None`` (the seed's contract, section 2).
         super().__init__(
             make_input_replicate_1d if _prepare_input is None else _prepare_input,
             make_output_tensor if _prepare_output is None else _prepare_output,
@@ -96,8 +97,8 @@ class PairwiseParallel(ModuleStyle):
         """Attention, MLP pairs, or (recursively) whatever of those ``module`` contains."""
         if isinstance(module, ATTENTION_TYPES):
             return {fqn: ShardedAttention(
-                io_from_functions("colwise", self.input_fn(), make_sharded_output_tensor),
-                io_from_functions("rowwise", make_input_shard_1d_last_dim, self.output_fn()),
+                self._column(self.input_fn()).io(),
+                RowwiseParallel(make_input_shard_1d_last_dim, self.output_fn()).io(),
                 ctx.rng,
             )}
         if is_mlp(module):
@@ -117,16 +118,19 @@ class PairwiseParallel(ModuleStyle):
             join_fqn(fqn, name): ShardedDropout(ctx.rng) for name, _ in dropouts_inside_pairs(module)
         }
         pairs = mlp_pairs(module, fqn, type(self).__name__)
-        for i, (name, _, role) in enumerate(pairs):
-            if role == "colwise":
-                fn_in = first_in if i == 0 else make_input_replicate_1d
-                entries[join_fqn(fqn, name)] = ColwiseParallel(fn_in, make_sharded_output_tensor)
-            else:
-                fn_out = last_out if i == len(pairs) - 1 else make_output_tensor
-                entries[join_fqn(fqn, name)] = RowwiseParallel(make_input_shard_1d_last_dim, fn_out)
+        for i, (column, row) in enumerate(pairs):
+            fn_in = first_in if i == 0 else make_input_replicate_1d
+            fn_out = last_out if i == len(pairs) - 1 else make_output_tensor
+            entries[join_fqn(fqn, column)] = self._column(fn_in)
+            entries[join_fqn(fqn, row)] = RowwiseParallel(make_input_shard_1d_last_dim, fn_out)
         if layer_io:
             entries[fqn] = SequenceShardedLayer()
         return entries
+
+    def _column(self, fn_in: PrepareFn) -> ColwiseParallel:
+        return ColwiseParallel(
+            fn_in, make_sharded_output_tensor, save_gathered_input=self.save_gathered_input
+        )
 
     def apply(self, module: Any, mesh: Any) -> Any:
         raise TypeError(
@@ -151,14 +155,28 @@ class SequenceParallel(PairwiseParallel):
     The result equals the single-device module applied to the concatenation of all
     ranks' inputs; parameter gradients are those of the sum of all ranks' losses.
 
+    Keyword Args:
+        save_gathered_input: column layers save their all-gathered input for backward
+            instead of the sequence shard (see :class:`ColwiseParallel`).
+
     Example::
 
         >>> mlp = parallelize_module(mlp, mesh, SequenceParallel())
         >>> y_mine = mlp(x_mine)   # x_mine: [S/W, B, H]
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, save_gathered_input: bool = False) -> None:
         super().__init__(make_input_reshard_replicate, make_output_reshard_tensor)
+        if not isinstance(save_gathered_input, bool):
+            raise TypeError(
+                f"SequenceParallel(save_gathered_input=...) must be a bool, got "
+                f"{save_gathered_input!r}"
+            )
+        self.save_gathered_input = save_gathered_input
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        return text[:-1] + ", save_gathered_input=True)" if self.save_gathered_input else text
 
     def expand(self, module: nn.Module, fqn: str, ctx: PlanContext) -> dict[str, ModuleStyle]:
         """Norms and dropouts on the sequence shard; otherwise as PairwiseParallel."""

@@ -274,25 +274,38 @@ def _check_head_linear(
 class _HeadsForward(ParallelForward):
     """Forward of a replicated Linear that computes only this rank's head rows/columns."""
 
-    def __init__(
-        self, role: Literal["colwise", "rowwise"], span: slice, group: ProcessGroup
-    ) -> None:
-        self.role, self.span, self.group = role, span, group
-        # Column: replicated in, this rank's heads out. Row: partial sums all-reduced.
-        self.input_layout = Replicate() if role == "colwise" else None
-        self.output_layout = Shard(-1) if role == "colwise" else Replicate()
+    def __init__(self, span: slice, group: ProcessGroup) -> None:
+        self.span, self.group = span, group
 
     def __repr__(self) -> str:
-        return f"_HeadsForward({self.role}, features {self.span.start}:{self.span.stop})"
+        return f"{type(self).__name__}(features {self.span.start}:{self.span.stop})"
+
+
+class _ColumnHeadsForward(_HeadsForward):
+    """Replicated input in, this rank's heads out (one shared *f* per activation)."""
+
+    input_layout = Replicate()
+    output_layout = Shard(-1)
 
     def __call__(
         self, module: nn.Linear, x: torch.Tensor, *args: Any, **kwargs: Any
     ) -> torch.Tensor:
         w, b = local_param(module.weight), local_param(module.bias)
         assert w is not None
-        if self.role == "colwise":
-            bias = None if b is None else b[self.span]
-            return F.linear(shared_entry("f", x, self.group, 0), w[self.span], bias)  # [.., heads_r*D]
+        bias = None if b is None else b[self.span]
+        return F.linear(shared_entry("f", x, self.group, 0), w[self.span], bias)  # [.., heads_r*D]
+
+
+class _RowHeadsForward(_HeadsForward):
+    """This rank's heads in, partial sums all-reduced, the bias added after."""
+
+    output_layout = Replicate()
+
+    def __call__(
+        self, module: nn.Linear, x: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        w, b = local_param(module.weight), local_param(module.bias)
+        assert w is not None
         y = C.reduce_from_region(F.linear(x, w[:, self.span]), self.group)  # [.., hidden]
         return y if b is None else y + b
 
@@ -356,7 +369,7 @@ class ColwiseHeads(ModuleStyle):
         distribute_parameter(module, "weight", mesh, Replicate(), sum_grads=True)
         distribute_parameter(module, "bias", mesh, Replicate(), sum_grads=True)
         span = slice(start * self.head_dim, stop * self.head_dim)
-        _HeadsForward("colwise", span, mesh.get_group()).install(module)
+        _ColumnHeadsForward(span, mesh.get_group()).install(module)
         return module
 
 
@@ -407,5 +420,5 @@ class RowwiseHeads(ModuleStyle):
         distribute_parameter(module, "weight", mesh, Replicate(), sum_grads=True)
         distribute_parameter(module, "bias", mesh, Replicate(), sum_grads=False)  # added after the all-reduce
         span = slice(start * self.head_dim, stop * self.head_dim)
-        _HeadsForward("rowwise", span, mesh.get_group()).install(module)
+        _RowHeadsForward(span, mesh.get_group()).install(module)
         return module

@@ -10,15 +10,20 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from torch import nn
 from torch.distributed.tensor import Placement, Replicate, Shard
 
-from .._engine.io import ModuleIO, Role, as_placement
-from .._engine.sharded_embedding import check_embedding, embedding_placements, parallelize_embedding
-from .._engine.sharded_linear import check_linear, linear_placements, parallelize_linear
+from .._engine.io import ModuleIO, as_placement
+from .._engine.sharded_embedding import (
+    ColumnEmbeddingForward,
+    RowEmbeddingForward,
+    ShardedEmbeddingForward,
+)
+from .._engine.sharded_linear import ColumnLinearForward, RowLinearForward, ShardedLinearForward
 from ..layouts import (
     io_from_functions,
     make_input_replicate_1d,
@@ -30,10 +35,13 @@ from .base import ModuleStyle, PrepareFn
 
 __all__ = ["ColwiseParallel", "RowwiseParallel"]
 
+
 class _LinearLikeStyle(ModuleStyle):
     """Shared machinery of ColwiseParallel and RowwiseParallel (``nn.Linear``, ``nn.Embedding``)."""
 
-    role: ClassVar[Role]
+    linear_forward: ClassVar[type[ShardedLinearForward]]
+    embedding_forward: ClassVar[type[ShardedEmbeddingForward]]
+    default_layouts: ClassVar[tuple[Placement, Placement]]  # (input, output) of the keywords
 
     def __init__(
         self,
@@ -43,6 +51,7 @@ class _LinearLikeStyle(ModuleStyle):
         input_layouts: Placement | tuple[Placement] | None,
         output_layouts: Placement | tuple[Placement] | None,
         use_local_output: bool,
+        save_gathered_input: bool = False,
     ) -> None:
         name = type(self).__name__
         in_layout = as_placement(input_layouts, f"{name}(input_layouts=...)")
@@ -50,6 +59,10 @@ class _LinearLikeStyle(ModuleStyle):
         if not isinstance(use_local_output, bool):
             raise TypeError(
                 f"{name}(use_local_output=...) must be a bool, got {use_local_output!r}"
+            )
+        if not isinstance(save_gathered_input, bool):
+            raise TypeError(
+                f"{name}(save_gathered_input=...) must be a bool, got {save_gathered_input!r}"
             )
         self._from_layouts = in_layout is not None or out_layout is not None or not use_local_output
         if self._from_layouts:
@@ -59,14 +72,14 @@ class _LinearLikeStyle(ModuleStyle):
                     "or input_layouts/output_layouts/use_local_output, not both."
                 )
             _prepare_input = _prepare_output = None  # unused: the layouts say it all
-            default_in, default_out = (
-                (Replicate(), Shard(-1)) if self.role == "colwise" else (Shard(-1), Replicate())
-            )
-            self._io = ModuleIO(in_layout or default_in, out_layout or default_out, use_local_output)
+            default_in, default_out = self.default_layouts
+            io = ModuleIO(in_layout or default_in, out_layout or default_out, use_local_output)
         else:
             # The seed's functions, translated to placements once, here (a user's own
             # function stays a function and runs on DTensors).
-            self._io = io_from_functions(self.role, _prepare_input, _prepare_output)
+            natural = self.linear_forward.natural_output
+            io = io_from_functions(natural, _prepare_input, _prepare_output)
+        self._io = dataclasses.replace(io, save_gathered_input=save_gathered_input)
         super().__init__(_prepare_input, _prepare_output)
 
     def io(self) -> ModuleIO:
@@ -98,9 +111,9 @@ class _LinearLikeStyle(ModuleStyle):
     def check(self, module: Any, fqn: str, mesh: Any) -> None:
         """Raise (no communication) unless ``module`` is an unsharded Linear/Embedding that fits."""
         if isinstance(module, nn.Embedding):
-            check_embedding(module, fqn, self.role, mesh.size())
+            self.embedding_forward.check(module, fqn, mesh.size())
         elif isinstance(module, nn.Linear):
-            check_linear(module, fqn, self.role, mesh.size())
+            self.linear_forward.check(module, fqn, mesh.size())
         else:
             raise RuntimeError(
                 f"Expect a torch.nn.Linear or torch.nn.Embedding module but received "
@@ -110,23 +123,25 @@ class _LinearLikeStyle(ModuleStyle):
     def param_placements(self, module: Any) -> Mapping[str, Placement] | None:
         """``weight``/``bias`` placements on a Linear or Embedding (see :class:`ModuleStyle`)."""
         if isinstance(module, nn.Embedding):
-            return embedding_placements(self.role)
+            return dict(self.embedding_forward.placements)
         if isinstance(module, nn.Linear):
-            return linear_placements(self.role)
+            return dict(self.linear_forward.placements)
         return None
 
     def apply(self, module: Any, mesh: Any) -> Any:
         """Shard ``module``'s parameters on ``mesh`` and install its local forward."""
         if isinstance(module, nn.Embedding):
-            return parallelize_embedding(module, mesh, self.role, self.io())
-        return parallelize_linear(module, mesh, self.role, self.io())
+            return self.embedding_forward.parallelize(module, mesh, self.io())
+        return self.linear_forward.parallelize(module, mesh, self.io())
 
     def __repr__(self) -> str:
+        extra = ", save_gathered_input=True" if self._io.save_gathered_input else ""
         if not self._from_layouts:
-            return super().__repr__()
+            return super().__repr__()[:-1] + extra + ")"
         return (
             f"{type(self).__name__}(input_layouts={self.input_layouts}, "
-            f"output_layouts={self.output_layouts}, use_local_output={self.use_local_output})"
+            f"output_layouts={self.output_layouts}, use_local_output={self.use_local_output}"
+            f"{extra})"
         )
 
 
@@ -163,7 +178,9 @@ class RowwiseParallel(_LinearLikeStyle):
         ...                                                         output_layouts=Shard(1))})
     """
 
-    role: ClassVar[Role] = "rowwise"
+    linear_forward = RowLinearForward
+    embedding_forward = RowEmbeddingForward
+    default_layouts = (Shard(-1), Replicate())
 
     def __init__(
         self,
@@ -198,10 +215,14 @@ class ColwiseParallel(_LinearLikeStyle):
         output_layouts: ``Shard(-1)`` (default, no collective) or ``Replicate()``
             (all-gather of the last dim; backward: split).
         use_local_output: return the local tensor (default) or the DTensor.
+        save_gathered_input: with a sequence-shard input, save the all-gathered input for
+            backward (no extra collective; (t-1)/t of it more memory per rank) instead of
+            the shard, which backward all-gathers again (Megatron-LM's scheme, the
+            default). Prefer it only for latency-bound steps with small activations.
 
     The seed's positional ``_prepare_input``/``_prepare_output`` functions are still
-    accepted (not together with the keywords). ``out_features`` (``embedding_dim``) that
-    the mesh size does not divide is split like ``torch.chunk``.
+    accepted (not together with the layout keywords). ``out_features`` (``embedding_dim``)
+    that the mesh size does not divide is split like ``torch.chunk``.
 
     Example::
 
@@ -209,7 +230,9 @@ class ColwiseParallel(_LinearLikeStyle):
         >>> parallelize_module(model, mesh, {"q": ColwiseParallel(input_layouts=Shard(1))})
     """
 
-    role: ClassVar[Role] = "colwise"
+    linear_forward = ColumnLinearForward
+    embedding_forward = ColumnEmbeddingForward
+    default_layouts = (Replicate(), Shard(-1))
 
     def __init__(
         self,
@@ -219,8 +242,9 @@ class ColwiseParallel(_LinearLikeStyle):
         input_layouts: Placement | tuple[Placement] | None = None,
         output_layouts: Placement | tuple[Placement] | None = None,
         use_local_output: bool = True,
+        save_gathered_input: bool = False,
     ) -> None:
         super().__init__(
             _prepare_input, _prepare_output, (make_input_replicate_1d, make_sharded_output_tensor),
-            input_layouts, output_layouts, use_local_output,
+            input_layouts, output_layouts, use_local_output, save_gathered_input,
         )

@@ -9,8 +9,8 @@ The styles themselves (:mod:`shardwise.style`) turn these facts into plan entrie
 
 Example::
 
-    >>> [(name, role) for name, _, role in mlp_pairs(mlp, "mlp", "PairwiseParallel")]
-    [('fc1', 'colwise'), ('fc2', 'rowwise')]
+    >>> mlp_pairs(mlp, "mlp", "PairwiseParallel")
+    [('fc1', 'fc2')]
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from .._engine import collectives as C
-from .._engine.io import Role
 from .._engine.torch_compat import DropoutBase
 
 __all__ = [
@@ -93,8 +92,8 @@ def is_transformer_layer(module: nn.Module) -> bool:
     return isinstance(module, TRANSFORMER_LAYERS)
 
 
-def mlp_pairs(module: nn.Module, fqn: str, style_name: str) -> list[tuple[str, nn.Linear, Role]]:
-    """The direct Linear children of an MLP with their roles: even column, odd row.
+def mlp_pairs(module: nn.Module, fqn: str, style_name: str) -> list[tuple[str, str]]:
+    """The direct Linear children of an MLP as (column, row) pairs, in registration order.
 
     Raises before any collective on an odd Linear count, naming the module.
 
@@ -112,7 +111,8 @@ def mlp_pairs(module: nn.Module, fqn: str, style_name: str) -> list[tuple[str, n
             f"children to pair column- and row-wise, but found an odd number ({len(linears)}: "
             f"{', '.join(n for n, _ in linears)}). Use a dict plan for the odd one out."
         )
-    return [(name, linear, "colwise" if i % 2 == 0 else "rowwise") for i, (name, linear) in enumerate(linears)]
+    names = [name for name, _ in linears]
+    return list(zip(names[0::2], names[1::2]))
 
 
 class _SequenceShardedForward:

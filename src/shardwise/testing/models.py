@@ -85,14 +85,17 @@ class GPTStack(nn.Module):
         return x
 
 
-def gpt_block_plan(sequence_parallel: bool = False, *, batch_first: bool = False) -> dict[str, Any]:
+def gpt_block_plan(
+    sequence_parallel: bool = False, *, batch_first: bool = False, save_gathered_input: bool = False
+) -> dict[str, Any]:
     """The seed-style plan for :class:`GPTBlock`: Colwise q/k/v/up, Rowwise o/down.
 
     With ``sequence_parallel`` the block takes and returns sequence shards: norms run
     sequence-parallel, column layers all-gather their input, row layers reduce-scatter.
     With ``batch_first`` too, the plan is written in torch 2.x layouts on ``Shard(1)``
     (norms ``SequenceParallel()``, column ``input_layouts=Shard(1)``, row
-    ``output_layouts=Shard(1)``), for a ``batch_first`` block.
+    ``output_layouts=Shard(1)``), for a ``batch_first`` block. ``save_gathered_input``
+    makes the column layers save their gathered input instead of the sequence shard.
 
     Example::
 
@@ -105,13 +108,16 @@ def gpt_block_plan(sequence_parallel: bool = False, *, batch_first: bool = False
     from ..styles.linear import ColwiseParallel, RowwiseParallel
 
     if sequence_parallel and batch_first:
-        col, row = ColwiseParallel(input_layouts=Shard(1)), RowwiseParallel(output_layouts=Shard(1))
+        col = ColwiseParallel(input_layouts=Shard(1), save_gathered_input=save_gathered_input)
+        row = RowwiseParallel(output_layouts=Shard(1))
         sp = SequenceParallel()
         return {"ln1": sp, "q": col, "k": col, "v": col, "o": row, "ln2": sp, "up": col, "down": row}
     if not sequence_parallel:
         col, row = ColwiseParallel(), RowwiseParallel()
         return {"q": col, "k": col, "v": col, "o": row, "up": col, "down": row}
-    col = ColwiseParallel(_prepare_input=make_input_reshard_replicate)
+    col = ColwiseParallel(
+        _prepare_input=make_input_reshard_replicate, save_gathered_input=save_gathered_input
+    )
     row = RowwiseParallel(_prepare_output=make_output_reshard_tensor)
     sp = SequenceParallel()
     return {"ln1": sp, "q": col, "k": col, "v": col, "o": row, "ln2": sp, "up": col, "down": row}
