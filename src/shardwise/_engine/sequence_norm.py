@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate
 
-from .forward import ParallelForward, check_not_parallelized
+from .forward import ParallelForward, check_installable
 from .local_params import distribute_parameter, local_param
 
 __all__ = ["NORM_TYPES", "check_norm", "is_norm", "shard_norm"]
@@ -42,6 +42,11 @@ def is_norm(module: nn.Module) -> bool:
     return isinstance(module, NORM_TYPES)
 
 
+def _norm_class(module: nn.Module) -> type[nn.Module]:
+    """The torch norm class ``module`` is (LayerNorm or RMSNorm): the forward it computes."""
+    return next(c for c in NORM_TYPES if isinstance(module, c))
+
+
 def check_norm(module: nn.Module, fqn: str) -> None:
     """Raise (no communication) if ``module`` cannot run sequence-parallel.
 
@@ -49,7 +54,7 @@ def check_norm(module: nn.Module, fqn: str) -> None:
 
         >>> check_norm(nn.LayerNorm(8), "ln1")
     """
-    check_not_parallelized(module, fqn)
+    check_installable(module, fqn, _norm_class(module), "SequenceParallel")
 
 
 class _NormForward(ParallelForward):
@@ -83,4 +88,4 @@ def shard_norm(module: nn.Module, mesh: DeviceMesh) -> nn.Module:
     """
     for name, _ in list(module.named_parameters(recurse=False)):
         distribute_parameter(module, name, mesh, Replicate(), sum_grads=True)
-    return _NormForward(module, mesh).install(module)
+    return _NormForward(module, mesh).install(module, _norm_class(module))

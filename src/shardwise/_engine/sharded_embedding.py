@@ -31,7 +31,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Partial, Placement, Replicate, Shard
 
 from .collectives import chunk_range
-from .forward import ParallelForward, check_not_parallelized
+from .forward import ParallelForward, check_installable
 from .io import ModuleIO
 from .local_params import distribute_parameter, local_param
 from .redistribute import input_to_local, output_from_local
@@ -48,6 +48,7 @@ class ShardedEmbeddingForward(ParallelForward):
     placements: ClassVar[Mapping[str, Placement]]  # of ``weight``
     natural_output: ClassVar[Placement]  # the layout of the local lookup, before any move
     unsupported: ClassVar[tuple[str, ...]] = ("max_norm", "sparse")
+    base = nn.Embedding
 
     @classmethod
     def check(cls, module: nn.Module, fqn: str, world: int) -> None:
@@ -62,7 +63,7 @@ class ShardedEmbeddingForward(ParallelForward):
         name = fqn or type(module).__name__
         if not isinstance(module, nn.Embedding):
             raise RuntimeError(f"Expect a torch.nn.Embedding module but received {type(module)}!")
-        check_not_parallelized(module, name)
+        check_installable(module, name, nn.Embedding, cls.style)
         for feature in cls.unsupported:
             if getattr(module, feature) not in (None, False):
                 label = feature if feature == "max_norm" else f"{feature}=True"

@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Sha
 
 from . import collectives as C
 from .entry_cache import shared_entry
-from .forward import ParallelForward, check_not_parallelized
+from .forward import ParallelForward, check_installable
 from .io import ModuleIO, normalize
 from .local_params import distribute_parameter, local_param
 from .redistribute import input_to_local, output_from_local
@@ -91,6 +91,7 @@ class ShardedLinearForward(ParallelForward):
     sharded_feature: ClassVar[str]  # the nn.Linear attribute split over the group
     placements: ClassVar[Mapping[str, Placement]]  # of ``weight`` and ``bias``
     natural_output: ClassVar[Placement]  # the layout of the local result, before any move
+    base = nn.Linear
 
     @classmethod
     def check(cls, module: nn.Module, fqn: str, world: int) -> None:
@@ -108,7 +109,7 @@ class ShardedLinearForward(ParallelForward):
                 f"Expect a torch.nn.Linear module but received {type(module)}! "
                 f"({cls.style} on '{name}')"
             )
-        check_not_parallelized(module, name)
+        check_installable(module, name, nn.Linear, cls.style)
         size = getattr(module, cls.sharded_feature)
         check_shardable(name, cls.style, cls.sharded_feature, size, world)
 

@@ -36,7 +36,7 @@ from torch.distributed import ProcessGroup
 from torch.distributed.tensor import Placement, Replicate, Shard
 
 from .._engine import collectives as C
-from .._engine.forward import ParallelForward, check_not_parallelized
+from .._engine.forward import ParallelForward, check_installable
 from .._engine.local_params import distribute_parameter, local_param
 from .._engine.torch_compat import StridedShard
 from ..styles.base import ModuleStyle
@@ -64,6 +64,11 @@ def is_conv1d(module: object) -> bool:
     )
 
 
+def _conv1d_class(module: nn.Module) -> type[nn.Module]:
+    """transformers' ``Conv1D`` class in ``module``'s class hierarchy (the base it computes)."""
+    return next((c for c in type(module).__mro__ if c.__name__ == "Conv1D"), type(module))
+
+
 def _check(module: Any, fqn: str, style: str, features: int, label: str, split: int) -> None:
     name = fqn or type(module).__name__
     if not is_conv1d(module):
@@ -71,7 +76,7 @@ def _check(module: Any, fqn: str, style: str, features: int, label: str, split: 
             f"Expect a transformers Conv1D module but received {type(module)}! "
             f"({style} on '{name}')"
         )
-    check_not_parallelized(module, name)
+    check_installable(module, name, _conv1d_class(module), style)
     if features % split:
         raise ValueError(
             f"{name}: {style} splits {label}={features} into {split} equal pieces "
@@ -171,7 +176,7 @@ class ColwiseConv1D(ModuleStyle):
         """
         distribute_parameter(module, "weight", mesh, self._placement(1))
         distribute_parameter(module, "bias", mesh, self._placement(0))
-        _ColumnConv1DForward(mesh.get_group()).install(module)
+        _ColumnConv1DForward(mesh.get_group()).install(module, _conv1d_class(module))
         return module
 
 
@@ -212,5 +217,5 @@ class RowwiseConv1D(ModuleStyle):
         """
         distribute_parameter(module, "weight", mesh, Shard(0))
         distribute_parameter(module, "bias", mesh, Replicate())
-        _RowConv1DForward(mesh.get_group()).install(module)
+        _RowConv1DForward(mesh.get_group()).install(module, _conv1d_class(module))
         return module

@@ -46,7 +46,7 @@ from torch.distributed.tensor import Replicate, Shard
 
 from .._engine import collectives as C
 from .._engine.entry_cache import shared_entry
-from .._engine.forward import ParallelForward, check_not_parallelized
+from .._engine.forward import ParallelForward, check_installable
 from .._engine.local_params import distribute_parameter, local_param
 from .base import ModuleStyle
 
@@ -266,13 +266,15 @@ def _check_head_linear(
         raise TypeError(
             f"Expect a torch.nn.Linear module but received {type(module)}! ({style} on '{name}')"
         )
-    check_not_parallelized(module, name)
+    check_installable(module, name, nn.Linear, style)
     if features != want:
         raise ValueError(f"{name}: {style} expects {label}={want}, but the module has {features}.")
 
 
 class _HeadsForward(ParallelForward):
     """Forward of a replicated Linear that computes only this rank's head rows/columns."""
+
+    base = nn.Linear
 
     def __init__(self, span: slice, group: ProcessGroup) -> None:
         self.span, self.group = span, group
