@@ -15,8 +15,8 @@ import torch
 
 import shardwise
 import verify_cases as cases
-from shardwise.diagnostics.verify_record import tolerances
 from shardwise.testing import mesh_of
+from shardwise.testing.tolerance import ROUNDINGS, tolerance
 
 
 def _verify(name: str, steps: int, dtype: torch.dtype = torch.float32) -> shardwise.VerifyResult:
@@ -83,14 +83,25 @@ def test_plain_parameter_missing_its_gradient_sum_is_found_in_backward(pools):
     assert found.max_abs_diff > 1.0
 
 
-def test_tolerances_follow_the_dtype():
-    fp32, fp64, bf16 = (tolerances(d, 256) for d in (torch.float32, torch.float64, torch.bfloat16))
+def test_one_tolerance_model_follows_the_dtype_and_the_computation():
+    eps32, eps16 = torch.finfo(torch.float32).eps, torch.finfo(torch.bfloat16).eps
+    fp32, fp64, bf16 = (tolerance(d, reduction=256) for d in (torch.float32, torch.float64, torch.bfloat16))
     assert fp64 < fp32 < bf16
-    assert fp32 == pytest.approx(2 * torch.finfo(torch.float32).eps * 16)
-    assert bf16 == pytest.approx(8 * torch.finfo(torch.bfloat16).eps)
-    assert tolerances(torch.int64, 256) == 0.0
-    # Longer sums round more in float32.
-    assert tolerances(torch.float32, 4096) == pytest.approx(4 * fp32)
+    assert fp32 == pytest.approx(eps32 * (256 + ROUNDINGS))
+    # Half precision accumulates in float32: its own eps enters only through roundings.
+    assert bf16 == pytest.approx(eps32 * 256 + ROUNDINGS * eps16)
+    assert tolerance(torch.int64, reduction=256) == 0.0
+    # Longer sums and more steps round more.
+    assert tolerance(torch.float32, reduction=4096) > fp32
+    assert tolerance(torch.float32, reduction=256, steps=3) == pytest.approx(3 * fp32)
+
+
+def test_verify_and_the_test_kit_share_the_model():
+    import shardwise.diagnostics.verify as verify_module
+    import shardwise.testing.parity as parity_module
+    from shardwise.diagnostics import tolerance as model
+
+    assert verify_module.tolerance is model.tolerance is parity_module.tolerance
 
 
 def test_verify_starts_its_own_ranks_and_leaves_the_model_alone():

@@ -86,3 +86,55 @@ def test_the_core_does_not_import_hugging_face_code():
     core = {"shardwise.api", "shardwise.planning.expand", "shardwise.style", "shardwise.planning.auto"}
     for name in core:
         assert not {m for m in graph[name] if m.startswith("shardwise.hf")}, name
+
+
+def _layer(module: str) -> str:
+    """The package a module belongs to: ``_engine``, ``styles``, ... or ``core`` (top level)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and (ROOT / parts[1]).is_dir() else "core"
+
+
+def test_the_layers_point_one_way():
+    graph = _graph()
+    for name, deps in graph.items():
+        layer = _layer(name)
+        for dep in deps:
+            there = _layer(dep)
+            if layer == "_engine":
+                # The engine runs inside forward/backward: it knows no style, plan or tool.
+                assert there == "_engine", f"{name} imports {dep}"
+            if {layer, there} == {"diagnostics", "checkpoint"}:
+                raise AssertionError(f"{name} imports {dep}: diagnostics and checkpoint are peers")
+            if layer in ("styles", "planning", "checkpoint") and there in ("diagnostics", "cli", "hf"):
+                raise AssertionError(f"{name} imports {dep}: a lower layer imports a tool above it")
+            if layer == "core" and there in ("diagnostics", "cli", "hf", "testing"):
+                allowed = name in ("shardwise", "shardwise.__main__")  # the package's own index
+                assert allowed, f"{name} imports {dep}"
+
+
+_PRIVATE_TORCH_HOME = ROOT / "_engine" / "torch_compat.py"
+
+
+def _private_torch_uses(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("torch"):
+            parts = (node.module or "").split(".")
+            names = [a.name for a in node.names]
+            if any(p.startswith("_") for p in parts) or any(n.startswith("_") for n in names):
+                found.append(f"from {node.module} import {', '.join(names)}")
+        elif isinstance(node, ast.Import):
+            found += [f"import {a.name}" for a in node.names if "._" in a.name and a.name.startswith("torch")]
+        elif isinstance(node, ast.Attribute) and node.attr == "_local_tensor":
+            if "_engine" not in path.parts:  # the engine's hot path is listed on the compat page
+                found.append("._local_tensor (off the hot path, to_local() does it)")
+    return found
+
+
+def test_private_torch_names_live_on_the_compat_page():
+    offenders = {
+        str(p.relative_to(ROOT)): uses
+        for p in ROOT.rglob("*.py")
+        if p != _PRIVATE_TORCH_HOME and (uses := _private_torch_uses(p))
+    }
+    assert not offenders, offenders

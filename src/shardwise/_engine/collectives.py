@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from .sized_gather import gather_sized
+from .torch_compat import all_gather_single
 
 __all__ = [
     "all_gather_along",
@@ -49,7 +50,6 @@ __all__ = [
     "split_along",
 ]
 
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
@@ -103,7 +103,7 @@ def all_gather_along(
     # In chunk layout only the tail is short, so the padding lands after row ``size``.
     xt = _pad_rows(xt, chunk)
     out = torch.empty((world * chunk, *xt.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather_single(out, xt, group=group)
+    all_gather_single(out, xt, group=group)
     if size is not None and size != out.shape[0]:
         out = out[:size]
     return out.movedim(0, dim)

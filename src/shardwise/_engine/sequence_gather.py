@@ -46,9 +46,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
+from .torch_compat import all_gather_single
+
 __all__ = ["linear_saving_shard"]
 
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 class _Regather:
     """The gathered input of the column layers that read one sequence shard, rebuilt in backward.
@@ -74,7 +75,7 @@ class _Regather:
         if world == 1:
             return xt, None
         out = torch.empty((world * xt.shape[0], *xt.shape[1:]), dtype=xt.dtype, device=xt.device)
-        work = _all_gather_single(out, xt, group=self.group, async_op=True)
+        work = all_gather_single(out, xt, group=self.group, async_op=True)
         return out, work
 
     def finish(self, started: tuple[torch.Tensor, Any]) -> torch.Tensor:

@@ -38,9 +38,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from .torch_compat import all_gather_single
+
 __all__ = ["gather_sized"]
 
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 _MAGIC = 0x5348_5744  # "SHWD": a header that is not one is a collective mismatch
 _SHAPE_WORDS = 9
@@ -162,7 +163,7 @@ def gather_sized(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor
         if fits:
             send[_HEADER : _HEADER + fits] = payload[:fits]
         flat = torch.empty(world * slot, dtype=torch.uint8, device=x.device)
-        _all_gather_single(flat, send, group=group)
+        all_gather_single(flat, send, group=group)
         table = flat.view(world, slot)
         heads = table[:, :_HEADER].contiguous().view(torch.int64).tolist()
         if any(h[0] != _MAGIC for h in heads):

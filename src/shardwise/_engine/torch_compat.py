@@ -31,6 +31,7 @@ import inspect
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
@@ -38,10 +39,17 @@ from torch.distributed.tensor import DTensor
 __all__ = [
     "DropoutBase",
     "StridedShard",
+    "TorchDispatchMode",
+    "all_gather_single",
     "check_fsdp_extension_machinery",
     "current_graph_task_id",
+    "dcp_set_element",
+    "dcp_storage_info_class",
     "dtensor_like",
+    "fake_group_in_job",
+    "fake_world",
     "foreach_mul_",
+    "pytree",
     "queue_engine_callback",
 ]
 
@@ -67,6 +75,18 @@ current_graph_task_id: Any = getattr(torch._C, "_current_graph_task_id", None)
 # ``torch.nn.utils.clip_grad_norm_`` itself does.
 foreach_mul_ = torch._foreach_mul_
 
+# ``all_gather_single`` is the newer name of ``all_gather_into_tensor`` (one output tensor,
+# each rank's input at its offset); whichever this torch has.
+all_gather_single: Any = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+# ``torch.utils._pytree``: map over the tensors of nested inputs/outputs (explain's dry run
+# moves example inputs to meta and finds the loss). No public module in torch 2.13.
+from torch.utils import _pytree as pytree  # noqa: E402
+
+# ``TorchDispatchMode``: see every aten and c10d op a dry run issues (explain's collective
+# log), the mechanism CommDebugMode itself is built on.
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
 
 def dtensor_like(local: torch.Tensor, like: DTensor) -> DTensor:
     """A DTensor holding ``local`` with ``like``'s layout (``DTensor.__new__`` with its spec).
@@ -75,6 +95,63 @@ def dtensor_like(local: torch.Tensor, like: DTensor) -> DTensor:
     twice as much as the tensor itself (a gradient handed over per parameter per step).
     """
     return DTensor.__new__(DTensor, local, like._spec, requires_grad=False)
+
+
+def fake_world(size: int) -> None:
+    """Initialize the default process group as torch's fake backend of ``size`` ranks.
+
+    The ``"fake"`` backend (``torch.testing._internal.distributed.fake_pg``) only exists after
+    that module is imported; its collectives move no data. Since 2.1.
+    """
+    import torch.testing._internal.distributed.fake_pg  # noqa: F401  (registers "fake")
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=size)
+
+
+def fake_group_in_job(size: int, name: str) -> dist.ProcessGroup:
+    """A fake group of ``size`` placeholder ranks, registered beside a running job's groups.
+
+    This process is its rank 0; ``dist.destroy_process_group(pg)`` removes it. Built the
+    way c10d builds a group (a ``ProcessGroup`` with ``FakeProcessGroup`` as its backend,
+    then ``_register_pg_in_world``), so DeviceMesh and DTensor accept it. Since 2.4.
+    """
+    from torch._C._distributed_c10d import FakeProcessGroup
+    from torch.distributed import distributed_c10d as c10d
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    store = FakeStore()
+    pg = dist.ProcessGroup(store, 0, size)
+    backend = FakeProcessGroup._create_internal(0, size)
+    custom = dist.ProcessGroup.BackendType.CUSTOM
+    pg._set_default_backend(custom)
+    pg._register_backend(torch.device("cpu"), custom, backend)
+    pg._set_group_name(name)  # type: ignore[arg-type]
+    pg._set_group_desc("shardwise dry run (fake)")
+    rank, job_size = dist.get_rank(), dist.get_world_size()
+    ranks = {rank: 0, **{job_size + i: i for i in range(1, size)}}  # placeholders for the others
+    c10d._register_pg_in_world(pg, "fake", store, name, "cpu:fake", rank_mapping=ranks)  # type: ignore[arg-type]
+    return pg
+
+
+def dcp_storage_info_class() -> type:
+    """DCP's ``_StorageInfo`` (a file's relative path, offset and length in ``.metadata``).
+
+    Imported on call: ``torch.distributed.checkpoint`` loads FSDP and more. Since 2.2.
+    """
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    return _StorageInfo
+
+
+def dcp_set_element(root: Any, path: Any, value: Any) -> None:
+    """DCP's ``_traverse.set_element``: put ``value`` at ``path`` in a nested state dict.
+
+    What ``DefaultLoadPlanner.load_bytes`` does with a flattened state dict. Since 2.2.
+    """
+    from torch.distributed.checkpoint._traverse import set_element
+
+    set_element(root, path, value)
 
 
 def check_fsdp_extension_machinery() -> None:

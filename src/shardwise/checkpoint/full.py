@@ -187,7 +187,7 @@ def _copy_full_into(target: torch.Tensor, full: torch.Tensor) -> None:
             )
         except TypeError:  # torch < 2.6: no src_data_rank; a scatter of equal values
             mine = distribute_tensor(full.detach(), target.device_mesh, target.placements)
-        target._local_tensor.copy_(mine._local_tensor)
+        target.to_local().copy_(mine.to_local())
     else:
         target.copy_(full)
 

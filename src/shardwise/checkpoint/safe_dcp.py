@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageInfo
+from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import ReadItem
 
+from .._engine.torch_compat import dcp_set_element, dcp_storage_info_class
 from .integrity import refusal_reason
 
 _METADATA_CLASSES = (
@@ -83,7 +84,7 @@ def read_metadata(path: Path) -> Metadata:
     for info in metadata.storage_data.values():
         name = getattr(info, "relative_path", None)
         if (
-            not isinstance(info, _StorageInfo)
+            not isinstance(info, dcp_storage_info_class())
             or not isinstance(name, str)
             or name in ("", ".", "..")
             or os.path.basename(name) != name
@@ -148,8 +149,6 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         fqn = read_item.dest_index.fqn
         obj = _weights_only(fqn, value)
         if self.flatten_state_dict:
-            from torch.distributed.checkpoint._traverse import set_element
-
-            set_element(self.original_state_dict, self.mappings[fqn], obj)
+            dcp_set_element(self.original_state_dict, self.mappings[fqn], obj)
         else:
             self.state_dict[fqn] = obj

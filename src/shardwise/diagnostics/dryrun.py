@@ -35,10 +35,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed import distributed_c10d as c10d
 from torch.distributed.device_mesh import DeviceMesh
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from .._engine.torch_compat import TorchDispatchMode, fake_group_in_job, fake_world
 
 __all__ = [
     "KINDS",
@@ -60,19 +60,6 @@ def _nbytes(t: Any) -> int:
     return 0
 
 
-def _fake_group(size: int) -> tuple[dist.ProcessGroup, Any]:
-    from torch._C._distributed_c10d import FakeProcessGroup
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    store = FakeStore()
-    pg = dist.ProcessGroup(store, 0, size)
-    backend = FakeProcessGroup._create_internal(0, size)
-    custom = dist.ProcessGroup.BackendType.CUSTOM
-    pg._set_default_backend(custom)
-    pg._register_backend(torch.device("cpu"), custom, backend)
-    return pg, store
-
-
 @contextmanager
 def fake_tp_mesh(size: int) -> Iterator[DeviceMesh]:
     """A 1-D CPU mesh of ``size`` ranks over a fake process group, this process as rank 0.
@@ -90,10 +77,7 @@ def fake_tp_mesh(size: int) -> Iterator[DeviceMesh]:
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ValueError(f"tp_size must be a positive int, got {size!r}")
     if not dist.is_initialized():
-        import torch.testing._internal.distributed.fake_pg  # noqa: F401  (registers "fake")
-        from torch.testing._internal.distributed.fake_pg import FakeStore
-
-        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=size)
+        fake_world(size)
         try:
             world = dist.group.WORLD
             assert world is not None
@@ -101,13 +85,7 @@ def fake_tp_mesh(size: int) -> Iterator[DeviceMesh]:
         finally:
             dist.destroy_process_group()
         return
-    pg, store = _fake_group(size)
-    name = f"shardwise_dry_run_{next(_NAMES)}"
-    pg._set_group_name(name)  # type: ignore[arg-type]
-    pg._set_group_desc("shardwise dry run (fake)")
-    rank, job_size = dist.get_rank(), dist.get_world_size()
-    ranks = {rank: 0, **{job_size + i: i for i in range(1, size)}}  # placeholders for the others
-    c10d._register_pg_in_world(pg, "fake", store, name, "cpu:fake", rank_mapping=ranks)  # type: ignore[arg-type]
+    pg = fake_group_in_job(size, f"shardwise_dry_run_{next(_NAMES)}")
     try:
         yield DeviceMesh.from_group(pg, "cpu")
     finally:

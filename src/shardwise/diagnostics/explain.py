@@ -36,9 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
-from torch.utils import _pytree as pytree
 
 from .._engine.collectives import chunk_range
+from .._engine.torch_compat import pytree
 from ..api import parallelize_module
 from ..planning.expand import resolve
 from ..styles.base import ParallelStyle, join_fqn
@@ -244,7 +244,7 @@ def module_rows(model: nn.Module, styles: Mapping[str, ParallelStyle]) -> list[d
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
-    return p._local_tensor if isinstance(p, DTensor) else p
+    return p.to_local() if isinstance(p, DTensor) else p
 
 
 def _to_meta(x: Any, dtype: torch.dtype | None) -> Any:

@@ -43,7 +43,8 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Sha
 from .._engine import collectives as C
 from ..api import Plan, parallelize_module
 from ..optim import foreach_param_groups
-from .verify_record import Piece, Recorder, first_tensor, piece, tolerances
+from .tolerance import tolerance
+from .verify_record import Piece, Recorder, first_tensor, piece
 from .verify_report import Divergence, Judge, VerifyResult
 
 __all__ = ["Divergence", "VerifyResult", "verify"]
@@ -231,7 +232,7 @@ def _verify_in_job(
     if ref is not None:
         dtype = next((p.dtype for p in ref.parameters() if p.is_floating_point()), torch.float32)
         reduction = max((max(p.shape) for p in ref.parameters() if p.dim()), default=16)
-        default_rtol = tolerances(dtype, reduction)
+        default_rtol = tolerance(dtype, reduction=reduction, steps=steps)
         types = {fqn: type(m).__name__ for fqn, m in ref.named_modules()}
         judge = Judge(atol, default_rtol if rtol is None else rtol, types)
     run = _Run(g, tp, ref, judge, *_split_inputs(example_inputs), loss_fn)

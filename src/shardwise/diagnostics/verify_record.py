@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
+from .tolerance import excess
+
 __all__ = [
     "Key",
     "Piece",
@@ -37,8 +39,6 @@ __all__ = [
     "compare",
     "first_tensor",
     "piece",
-    "scale_of",
-    "tolerances",
 ]
 
 Key = tuple[str, str, int]  # (kind, module or parameter FQN, call number within the pass)
@@ -241,67 +241,34 @@ def assemble(
     return [(f"rank {r}", t) for r, t in enumerate(tensors)], Replicate()
 
 
-def tolerances(dtype: torch.dtype, reduction: int) -> float:
-    """``rtol`` for values computed in ``dtype`` through sums of ``reduction`` terms.
-
-    Tensor parallelism reorders sums: a length-``K`` dot product split over ranks rounds
-    its partial sums separately. In float32 and float64 the sums run in ``dtype``, an
-    error of order ``eps * sqrt(K)`` relative to the size of the terms (``2 eps sqrt(K)``
-    here). Half-precision matmuls accumulate in float32 on CPUs and GPUs, so their error
-    is the rounding of each result, a few ``eps`` whatever ``K`` (``8 eps`` here).
-    Measured on a transformer block over two steps, the largest differences are 1.5 eps
-    (bfloat16) to 4 eps (float32) of each tensor's largest value.
-
-    Example::
-
-        >>> tolerances(torch.float32, 256)
-        3.81e-06
-        >>> tolerances(torch.bfloat16, 256)
-        0.0625
-    """
-    if not dtype.is_floating_point:
-        return 0.0
-    eps = torch.finfo(dtype).eps
-    if torch.finfo(dtype).bits <= 16:
-        return 8 * eps
-    return 2 * eps * math.sqrt(max(reduction, 16))
-
-
-def scale_of(tensors: list[torch.Tensor]) -> float:
-    """The largest finite magnitude among floating-point ``tensors`` (0 if none)."""
-    best = 0.0
-    for t in tensors:
-        if t.is_floating_point() and t.numel():
-            value = t.detach().abs().nan_to_num(posinf=0.0).max().item()
-            best = max(best, value)
-    return best
-
-
 def compare(
-    ref: torch.Tensor, candidates: list[tuple[str, torch.Tensor]], atol: float, rtol: float
+    ref: torch.Tensor,
+    candidates: list[tuple[str, torch.Tensor]],
+    atol: float,
+    rtol: float,
+    scale: float = 0.0,
 ) -> tuple[float, float, str]:
-    """``(max |diff|, tolerance, which candidate)`` of the worst candidate against ``ref``.
+    """``(|diff|, bound, which candidate)`` at the worst element of the worst candidate.
 
-    The tolerance is ``atol + rtol * max|ref|``; a shape mismatch or a NaN where the
-    reference has none counts as an infinite difference (equal infinities match).
+    Each element may differ by ``atol + rtol * (|ref| + scale)``
+    (:func:`~shardwise.diagnostics.tolerance.excess`, NaN matching NaN); a shape mismatch
+    counts as an infinite difference. With no element over its bound, the largest
+    difference is reported.
 
     Example::
 
-        >>> compare(torch.ones(2), [("rank 0", torch.ones(2))], 0.0, 1e-6)
-        (0.0, 1e-06, 'rank 0')
+        >>> compare(torch.ones(2), [("rank 0", torch.ones(2))], 0.0, 1e-6, 1.0)
+        (0.0, 2e-06, 'rank 0')
     """
-    expected = ref.detach().to(torch.float64)
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    tol = atol + rtol * (scale if math.isfinite(scale) else 0.0)
-    worst, where = 0.0, candidates[0][0] if candidates else ""
+    worst, worst_ratio = (0.0, atol, candidates[0][0] if candidates else ""), -1.0
     for label, t in candidates:
         if t.shape != ref.shape:
-            return math.inf, tol, label
-        actual = t.detach().to(torch.float64)
-        diff = (actual - expected).abs()
-        same = (actual == expected) | (actual.isnan() & expected.isnan())
-        diff = torch.where(same, torch.zeros_like(diff), diff.nan_to_num(nan=math.inf))
-        value = diff.max().item() if diff.numel() else 0.0
-        if value > worst:
-            worst, where = value, label
-    return worst, tol, where
+            return math.inf, atol, label
+        found = excess(t, ref, tol=rtol, scale=scale, atol=atol, equal_nan=True)
+        if found.bound > 0:
+            ratio = found.diff / found.bound
+        else:
+            ratio = math.inf if found.diff > 0 else 0.0
+        if ratio > worst_ratio:
+            worst, worst_ratio = (found.diff, found.bound, label), ratio
+    return worst

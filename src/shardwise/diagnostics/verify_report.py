@@ -18,14 +18,18 @@ from typing import Literal
 import torch
 from torch.distributed.tensor import Placement, Replicate, Shard
 
-from .verify_record import Key, Piece, Record, assemble, compare, scale_of
+from .tolerance import largest_magnitude
+from .verify_record import Key, Piece, Record, assemble, compare
 
 __all__ = ["Divergence", "Judge", "VerifyResult"]
 
-# A tensor matches when max|tp - ref| <= rtol * (max|ref| + FLOOR * scale), scale being the
-# largest magnitude among the tensors of its phase. Gradients get the larger floor: some
-# cancel to almost nothing (a key projection's bias: softmax ignores a constant shift of
-# the scores), and their rounding error is that of their terms, not of the result.
+# A tensor matches when every element is within rtol * (|ref| + scale) of the reference
+# (the one model of diagnostics/tolerance.py). To name the first module that diverges, the
+# scale is the tensor's own largest magnitude plus a FLOOR share of the phase's: enough for
+# gradients that cancel to almost nothing (a key projection's bias: softmax ignores a
+# constant shift of the scores), whose rounding error is that of the terms they were
+# summed from, and tight enough that a small module's bug is not hidden by a large one's
+# scale. (The test kit, which only asks "equal or not", uses the whole phase's scale.)
 FLOOR = {
     "module inputs and outputs": 0.01,
     "output gradients": 0.1,
@@ -121,7 +125,7 @@ class Judge:
         >>> found, root_layout = Judge(None, 3e-5, 1e-2, types).forward(ref_records, ranks)
     """
 
-    atol: float | None  # the user's; None: rtol * FLOOR[phase] * the scale of the phase
+    atol: float | None  # the user's; None: rtol * (own scale + FLOOR[phase] * phase scale)
     rtol: float
     types: dict[str, str]  # module FQN -> class name, for messages
     step: int = 0
@@ -138,10 +142,10 @@ class Judge:
         candidates, layout = assemble(pieces, ref.shape)
         if not candidates:
             return float("inf"), 0.0, None
-        floor = FLOOR[phase]
-        atol = self.rtol * floor * self.scale if self.atol is None else self.atol
+        own = largest_magnitude([ref])
+        atol, scale = (0.0, own + FLOOR[phase] * self.scale) if self.atol is None else (self.atol, 0.0)
         atol, rtol = (atol, self.rtol) if ref.is_floating_point() else (0.0, 0.0)
-        diff, tol, _ = compare(ref, candidates, atol, rtol)
+        diff, tol, _ = compare(ref, candidates, atol, rtol, scale)
         if diff <= tol and tol > 0 and diff / tol >= self.worst:
             self.worst, self.worst_at = diff / tol, f"{what}, step {self.step}"
         return diff, tol, layout
@@ -153,7 +157,7 @@ class Judge:
         last_ok: Record | None = None
         layouts: dict[Key, tuple[Placement | None, list[Piece]]] = {}
         root: Placement | None = None
-        self.scale = scale_of([r.piece.tensor for r in ref if r.piece.tensor is not None])
+        self.scale = largest_magnitude([r.piece.tensor for r in ref if r.piece.tensor is not None])
         for rec in ref:
             if any(rec.key not in rank for rank in tp) or rec.piece.tensor is None:
                 continue
@@ -242,7 +246,7 @@ class Judge:
         ]
         last_ok = "the loss"
         matched: set[str] = set()  # modules whose output gradient matched
-        self.scale = scale_of(
+        self.scale = largest_magnitude(
             [r.piece.tensor for r in ref_order if r.piece.tensor is not None]
             + [g for g in ref_grads.values() if g is not None]
         )
@@ -329,7 +333,7 @@ class Judge:
 
     def params(self, ref: dict[str, torch.Tensor], tp: list[dict[str, Piece]]) -> Divergence | None:
         """The first parameter that differs after the optimizer step."""
-        self.scale = scale_of(list(ref.values()))
+        self.scale = largest_magnitude(list(ref.values()))
         for name, value in ref.items():
             if any(name not in rank for rank in tp):
                 continue  # replaced by the plan (a swapped module): nothing to compare

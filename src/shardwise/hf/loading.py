@@ -235,7 +235,7 @@ def _materialize(model: nn.Module, ckpt: _Checkpoint, prefix: str) -> None:
             assert key is not None  # checked by _problems
             if isinstance(old, DTensor):
                 runs, dim = _local_runs(old)
-                local = torch.empty(old._local_tensor.shape, dtype=old.dtype)
+                local = torch.empty(old.to_local().shape, dtype=old.dtype)
                 ckpt.read_into(key, local, runs, dim)
                 new[id(old)] = with_local_tensor(old, local)
             else:

@@ -33,9 +33,10 @@ def parameter_storages(model: nn.Module) -> set[int]:
         2
     """
     out = set()
-    for p in model.parameters():
-        local = p._local_tensor if isinstance(p, DTensor) else p
-        out.add(local.untyped_storage().data_ptr())
+    with torch.no_grad():  # to_local() records nothing
+        for p in model.parameters():
+            local = p.to_local() if isinstance(p, DTensor) else p
+            out.add(local.untyped_storage().data_ptr())
     return out
 
 
@@ -53,7 +54,8 @@ def saved_activation_bytes(model: nn.Module, *args: Any, **kwargs: Any) -> int:
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        local = t._local_tensor if isinstance(t, DTensor) else t
+        with torch.no_grad():  # to_local() records nothing (no op inside a pack hook)
+            local = t.to_local() if isinstance(t, DTensor) else t
         storage = local.untyped_storage()
         ptr = storage.data_ptr()
         if ptr not in params:
