@@ -10,6 +10,7 @@ from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 from shardwise import ColwiseParallel, RowwiseParallel, parallelize_module
 from shardwise.testing import full, mesh_of
+from shardwise.testing.tolerance import largest_magnitude, tolerance
 
 
 def _check_style(world: int, colwise: bool) -> None:
@@ -146,3 +147,50 @@ def _backward_passes(world: int) -> None:
 @pytest.mark.parametrize("world", [1, 2])
 def test_gradients_of_every_backward_pass_reach_the_parameters(pools, world):
     pools(world).run(_backward_passes, world)
+
+
+def _backward_on_threads(world: int) -> list[str]:
+    """Backward passes running at once on several threads each hand over their own leaves."""
+    import sys
+    import threading
+
+    plan = {str(i): ColwiseParallel() if i % 2 == 0 else RowwiseParallel() for i in range(6)}
+    torch.manual_seed(0)
+    ref = nn.Sequential(*[nn.Linear(8, 8) for _ in range(6)])
+    x = torch.randn(4, 8)
+    ref(x).sum().backward()
+    want = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    models = []
+    for _ in range(3):
+        model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(6)])
+        model.load_state_dict(ref.state_dict())
+        models.append(parallelize_module(model, mesh_of(world), plan))
+    problems: list[str] = []
+    # Rowwise adds its bias after the matmul (nn.Linear fuses it): reordered rounding only.
+    tol = tolerance(torch.float32, reduction=8 * 4, steps=1)
+    scale = largest_magnitude(want.values())
+
+    def run(k: int, model: nn.Module) -> None:
+        for it in range(60):
+            model.zero_grad(set_to_none=True)
+            model(x).sum().backward()  # with world 1 no collective: threads may interleave freely
+            for name, p in model.named_parameters():
+                if p.grad is None or (full(p.grad) - want[name]).abs().max() > tol * (1 + scale):
+                    problems.append(f"thread {k}, pass {it}: '{name}' grad incomplete at return")
+                    return
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads as often as the interpreter allows
+    try:
+        threads = [threading.Thread(target=run, args=(k, m)) for k, m in enumerate(models)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    return problems
+
+
+def test_backward_passes_on_other_threads_hand_over_their_own_leaves(pools):
+    assert pools(1).run(_backward_on_threads, 1) == [[]]

@@ -12,14 +12,17 @@ ends (``queue_callback``). ``param.grad`` is therefore complete when ``backward(
 returns, as with plain parameters, but not filled in while the pass runs.
 
 Records are filed by graph task, so a backward pass nested in another one (reentrant
-activation checkpointing) or run on another thread hands over only its own leaves. A
+activation checkpointing) or run on another thread hands over only its own leaves. The
+last task's list is cached as one ``(task, list)`` tuple, read once per record, so a
+thread switch between reading the task and appending cannot file a leaf under another
+thread's pass. A
 pass that raises never runs its callback; the engine drops it, and its ``__del__``
 hands over what had been accumulated, so ``.grad`` holds the partial gradients just as
 PyTorch leaves them, and the caller's ``zero_grad()`` clears them.
 
 Example::
 
-    >>> local.register_post_accumulate_grad_hook(HANDOFF.hook(None))
+    >>> local.register_post_accumulate_grad_hook(handoffs.hook(None))
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from torch.distributed import ProcessGroup
 
 from .torch_compat import current_graph_task_id, dtensor_like, queue_engine_callback
 
-__all__ = ["HANDOFF", "GradHandoff", "hand_off"]
+__all__ = ["GradHandoff", "hand_off", "handoffs"]
 
 _Entry = tuple[torch.Tensor, "ProcessGroup | None"]
 
@@ -104,15 +107,15 @@ class GradHandoff:
 
     Example::
 
-        >>> hook = HANDOFF.hook(None)   # one per leaf
+        >>> hook = handoffs.hook(None)   # one per leaf
     """
 
-    __slots__ = ("current", "pending", "task")
+    __slots__ = ("last", "pending")
 
     def __init__(self) -> None:
         self.pending: dict[int, list[_Entry]] = {}
-        self.task: int | None = None  # the task ``current`` belongs to (a one-entry cache)
-        self.current: list[_Entry] = []
+        # The last task and its list, as one tuple: replaced whole, read once per record.
+        self.last: tuple[int | None, list[_Entry]] = (None, [])
 
     def hook(
         self, group: ProcessGroup | None, *, at_once: bool = False
@@ -128,8 +131,9 @@ class GradHandoff:
 
         def record(local: torch.Tensor) -> None:
             task = task_id()
-            if task == self.task:
-                self.current.append((local, group))
+            last_task, entries = self.last  # one read: a consistent pair on any thread
+            if task == last_task:
+                entries.append((local, group))
             elif task < 0:  # not inside the engine (no pass to wait for)
                 hand_off(local, _owner(local), group)
             else:
@@ -142,18 +146,18 @@ class GradHandoff:
         if entries is None:
             entries = self.pending[task] = []
             queue_engine_callback(_EndOfPass(self, task))
-        self.task, self.current = task, entries
+        self.last = (task, entries)
         return entries
 
     def flush(self, task: int, *, reduce: bool = True) -> None:
         """Hand over every gradient recorded in backward pass ``task``."""
         entries = self.pending.pop(task, [])
-        if self.task == task:
-            self.task, self.current = None, []
+        if self.last[0] == task:
+            self.last = (None, [])
         for local, group in entries:
             hand_off(local, _owner(local), group, reduce=reduce)
 
 
-#: The process's hand-off queue. It holds only leaves of backward passes under way,
-#: like autograd's own queues; nothing in it describes the model or the mesh.
-HANDOFF = GradHandoff()
+#: The process's hand-off queues (process state, like autograd's own queues): they hold
+#: only leaves of backward passes under way; nothing in them describes a model or a mesh.
+handoffs = GradHandoff()

@@ -26,7 +26,7 @@ from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, distribute_tensor
 
-from .grad_handoff import _OWNER, HANDOFF
+from .grad_handoff import _OWNER, handoffs
 
 __all__ = ["distribute_parameter", "install_local_leaf", "local_param", "with_local_tensor"]
 
@@ -59,7 +59,7 @@ def install_local_leaf(
     # weak references. The cycle param -> local -> param is one the garbage collector
     # sees (both live in the tensors' Python state), and the hook finds the owner here.
     setattr(local, _OWNER, param)
-    local.register_post_accumulate_grad_hook(HANDOFF.hook(sum_grads_over, at_once=at_once))
+    local.register_post_accumulate_grad_hook(handoffs.hook(sum_grads_over, at_once=at_once))
     setattr(local, _SUM_OVER, sum_grads_over)
 
 
