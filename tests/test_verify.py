@@ -121,3 +121,15 @@ def test_verify_without_a_mesh_needs_picklable_arguments():
         shardwise.verify(lambda: cases.Block(), plan, x, tp_size=2)
     with pytest.raises(ValueError, match="tp_size must be at least 2"):
         shardwise.verify(cases.Block(), plan, x, tp_size=1)
+
+
+def test_replicated_gradients_that_differ_between_ranks_are_found(pools):
+    # Each rank's gradient of the faint gate is within tolerance of one device's; the
+    # ranks' gradients are not equal to each other: the copies would train apart.
+    found = _both(pools, "faint_gate").first_divergence
+    assert found is not None
+    assert (found.fqn, found.phase, found.what) == ("mlp", "backward", "gradient")
+    assert "replicated parameter 'mlp.gate'" in found.detail
+    assert "on rank 1 than on rank 0" in found.detail
+    assert "needs its gradient summed over the TP group" in found.hint
+    assert found.max_abs_diff > found.tolerance > 0

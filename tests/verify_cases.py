@@ -1,4 +1,4 @@
-"""Models for tests/test_verify.py and tests/test_cli.py: a correct block and three plan bugs.
+"""Models for tests/test_verify.py and tests/test_cli.py: a correct block and four plan bugs.
 
 Each factory returns ``(model, plan, example_inputs)``, the shape ``shardwise verify``
 takes (``shardwise verify tests/verify_cases.py:good --tp 2``). The bugs are the ones
@@ -43,20 +43,25 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """fc1 -> activation -> fc2, with the two bugs that sit between a column and a row layer."""
 
-    def __init__(self, softmax_bug: bool = False, gate_bug: bool = False) -> None:
+    def __init__(
+        self, softmax_bug: bool = False, gate_bug: bool = False, faint_gate_bug: bool = False
+    ) -> None:
         super().__init__()
         self.fc1 = nn.Linear(DIM, 4 * DIM)
         self.fc2 = nn.Linear(4 * DIM, DIM)
         self.softmax_bug = softmax_bug
         # A plain scalar applied to the column-parallel activation: replicated on every
         # rank, so its gradient (a sum over the sharded features) is only a partial sum.
-        self.gate = nn.Parameter(torch.tensor(0.7)) if gate_bug else None
+        # Faint: it barely changes the output, so each rank's partial gradient is within
+        # tolerance of one device's; only the ranks disagree (they would train apart).
+        self.gate = nn.Parameter(torch.tensor(0.7)) if gate_bug or faint_gate_bug else None
+        self.gate_weight = 1e-6 if faint_gate_bug else 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)  # [B, S, 4C/W]
         h = torch.softmax(h, dim=-1) if self.softmax_bug else F.gelu(h)
         if self.gate is not None:
-            h = h * self.gate
+            h = h * (1 + self.gate_weight * (self.gate - 1)) if self.gate_weight != 1.0 else h * self.gate
         return self.fc2(h)
 
 
@@ -109,3 +114,8 @@ def local_heads() -> tuple[nn.Module, dict[str, Any], torch.Tensor]:
 def plain_gate() -> tuple[nn.Module, dict[str, Any], torch.Tensor]:
     torch.manual_seed(0)
     return Block(gate_bug=True), plan(), inputs()
+
+
+def faint_gate() -> tuple[nn.Module, dict[str, Any], torch.Tensor]:
+    torch.manual_seed(0)
+    return Block(faint_gate_bug=True), plan(), inputs()

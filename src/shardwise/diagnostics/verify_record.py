@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
+from .._engine.forward import installed_forward
 from .tolerance import excess
 
 __all__ = [
@@ -98,14 +99,14 @@ def piece(t: torch.Tensor | None, declared: Placement | None = None) -> Piece:
 
 
 def _declared(module: nn.Module) -> tuple[Placement | None, Placement | None]:
-    """The (input, output) layouts a parallelized module declares for plain tensors."""
-    impl = getattr(module.__dict__.get("forward"), "__func__", None)
-    io = getattr(impl, "io", None)
-    if io is None:
+    """The (input, output) layouts a parallelized module's forward declares for plain tensors.
+
+    (A DTensor output carries its own placement, which :func:`piece` prefers.)
+    """
+    forward = installed_forward(module)
+    if forward is None:
         return None, None
-    inp = io.input_layout if io.input_fn is None else None
-    out = io.output_layout if io.output_fn is None and io.use_local_output else None
-    return inp, out
+    return forward.input_layout, forward.output_layout
 
 
 class Recorder:

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch.distributed.tensor import Placement, Replicate, Shard
 
-from .tolerance import largest_magnitude
+from .tolerance import excess, largest_magnitude
 from .verify_record import Key, Piece, Record, assemble, compare
 
 __all__ = ["Divergence", "Judge", "VerifyResult"]
@@ -270,6 +270,9 @@ class Judge:
                         )
                     continue
                 diff, tol, _ = self.check("gradients", f"gradient of '{name}'", ref, pieces)
+                apart = self._replicas_apart(name, pieces)
+                if apart is not None and diff <= tol:
+                    return apart  # each close to one device, but not to each other
                 if diff > tol:
                     owner = _owner(name)
                     if owner in matched:
@@ -295,6 +298,40 @@ class Judge:
                 return Divergence(name, "backward", diff, text, self.step, kind, tol)
             last_ok = f"the gradient arriving at the output of {_label(name)}"
             matched.add(name)
+        return None
+
+    def _replicas_apart(self, name: str, pieces: list[Piece]) -> Divergence | None:
+        """A replicated parameter whose gradient is not the same on every rank.
+
+        Each rank then steps its copy differently and the copies train apart: silently,
+        and visibly only after many steps, since each copy can be within tolerance of one
+        device. Replicas compute (or all-reduce) the same gradient from the same values,
+        so the bound is tight: the tolerance model at the gradient's own scale.
+        """
+        tensors = [p.tensor for p in pieces]
+        replicated = all(p.placement is None or isinstance(p.placement, Replicate) for p in pieces)
+        first = tensors[0]
+        if not replicated or first is None or any(t is None or t.shape != first.shape for t in tensors):
+            return None
+        own = largest_magnitude([first])
+        for rank, t in enumerate(tensors[1:], start=1):
+            assert t is not None
+            found = excess(t, first, tol=self.rtol, scale=own, equal_nan=True)
+            if found.ok:
+                continue
+            owner = _owner(name)
+            text = (
+                f"replicated parameter '{name}' (in {_label(owner)}) gets a different gradient "
+                f"on rank {rank} than on rank 0 (max |diff| {found.diff:.3g} > tolerance "
+                f"{found.bound:.3g}), though each is close to one device's: each rank's "
+                "optimizer step moves its copy differently, so the copies train apart"
+            )
+            hint = (
+                "a replicated parameter applied to a sharded activation (a router, a norm "
+                "fed a shard, a shared rotary slice) needs its gradient summed over the TP "
+                f"group: give '{name}' a placement in the plan, or all-reduce its gradient."
+            )
+            return Divergence(owner, "backward", found.diff, text, self.step, "gradient", found.bound, hint)
         return None
 
     def _grad_divergence(
