@@ -171,3 +171,19 @@ def test_clip_on_two_d_mesh(pools):
 def test_clip_edge_cases(pools, world):
     results = pools(world).run(_edge_cases, world, timeout=30)
     assert all(msgs == results[0] for msgs in results)
+
+
+def _one_rank_without_replicated_grads(world: int) -> list[float]:
+    """Rank 1 ran no backward through the replicated parameters: still one norm everywhere."""
+    _, params = _grads_of(world)
+    plain = [p for p in params.values() if not isinstance(p, DTensor)]
+    assert plain, "the model must have replicated (plain) parameters"
+    if torch.distributed.get_rank() == 1:
+        for p in plain:
+            p.grad = None
+    return [clip_grad_norm_(list(params.values()), 1e9).item()]
+
+
+def test_every_rank_gets_one_norm_when_a_rank_lacks_replicated_gradients(pools):
+    totals = pools(2).run(_one_rank_without_replicated_grads, 2)
+    assert totals[0] == totals[1], totals

@@ -106,6 +106,22 @@ def _scale_(grads: list[torch.Tensor], coef: torch.Tensor, foreach: bool | None)
             foreach_mul_(group, c)
 
 
+def _with_replicated_share(
+    part: torch.Tensor, replicated: torch.Tensor, norm_type: float, groups: tuple[ProcessGroup, ...]
+) -> torch.Tensor:
+    """``part`` plus this rank's share of the replicated gradients' norm, for one all-reduce.
+
+    Replicated gradients count once. Summing ``norm**p / ranks`` over the ranks (the max,
+    for the inf-norm) gives that once when every rank holds them, and the *same* total on
+    every rank when some rank holds none (a branch it did not run), at no extra collective:
+    the ranks then scale their gradients alike, and replicated copies stay equal.
+    """
+    if norm_type == math.inf:
+        return torch.maximum(part, replicated)
+    ranks = math.prod(dist.get_world_size(g) for g in groups)
+    return part + replicated.pow(norm_type) / ranks
+
+
 def _local_device(params: list[torch.Tensor]) -> torch.device:
     for p in params:
         if isinstance(p, DTensor):
@@ -143,7 +159,9 @@ def clip_grad_norm_(
 
     Every rank takes part in the same all-reduces whatever gradients it holds (a rank
     whose parameters have no ``.grad`` contributes nothing), so all ranks must pass the
-    same parameters, as they hold the same model.
+    same parameters, as they hold the same model. The replicated gradients' norm travels
+    in the first of those all-reduces, so every rank returns the same total even where
+    some rank holds none of them.
 
     Example::
 
@@ -159,11 +177,14 @@ def clip_grad_norm_(
     device = local_grads[0].device if local_grads else _local_device(params)
     is_inf = norm_type == math.inf
     op = dist.ReduceOp.MAX if is_inf else dist.ReduceOp.SUM
-    parts = [get_total_norm(replicated, norm_type, foreach=foreach).to(device)]
-    for groups, grads in sharded.items():
+    replicated_norm = get_total_norm(replicated, norm_type, foreach=foreach).to(device)
+    parts = [] if sharded else [replicated_norm]
+    for k, (groups, grads) in enumerate(sharded.items()):
         # A rank without gradients in this group still takes part in its all-reduce.
         part = get_total_norm(grads, norm_type, foreach=foreach).to(device)
         part = part if is_inf else part.pow(norm_type)
+        if k == 0:
+            part = _with_replicated_share(part, replicated_norm, norm_type, groups)
         for group in groups:  # one collective per shard mesh dim: 1 on a 1-D TP mesh
             if dist.get_world_size(group) > 1:
                 dist.all_reduce(part, op=op, group=group)
