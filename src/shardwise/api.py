@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from .mesh import default_mesh, tp_submesh
-from .planning.agreement import agree_on_plan, check_not_wrapped
+from .planning.agreement import RefuseDDP, agree_on_plan, check_not_wrapped
 from .planning.auto import auto_plan
 from .planning.expand import Plan, check_entries, expand_entries
 from .planning.ties import check_ties, retie
@@ -114,4 +114,5 @@ def parallelize_module(
         if new is not entry.module:
             root = _set_submodule(root, entry.fqn, new)
     retie(ties)
+    root.__dict__["_ddp_params_and_buffers_to_ignore"] = RefuseDDP()  # DDP cannot sync it: raises
     return root

@@ -148,6 +148,29 @@ def test_wrapped_models_are_refused(pools, kind, expected):
     assert "tp_mesh_dim=1" in message
 
 
+def _ddp_after_tensor_parallelism(world: int, how: str) -> tuple[str, str]:
+    """The order DDP users try: parallelize over tp, then DDP over dp. DDP must refuse."""
+    mesh2d = mesh_of(world, 1, names=("dp", "tp"))
+    torch.manual_seed(0)
+    model = parallelize_module(MLP(), mesh2d, PairwiseParallel(), tp_mesh_dim=1)
+    ddp = nn.parallel.DistributedDataParallel
+    if how == "group":
+        return outcome(lambda: ddp(model, process_group=mesh2d.get_group("dp")))
+    if how == "no_init_sync":  # used to run, never syncing the gradients
+        return outcome(lambda: ddp(model, process_group=mesh2d.get_group("dp"), init_sync=False))
+    return outcome(lambda: ddp(model, device_mesh=mesh2d["dp"]))
+
+
+@pytest.mark.parametrize("how", ["group", "no_init_sync", "mesh"])
+def test_ddp_after_tensor_parallelism_is_refused_with_what_works(pools, how):
+    results = pools(2).run(_ddp_after_tensor_parallelism, 2, how, timeout=TIMEOUT)
+    assert results[0] == results[1]
+    kind, message = results[0]
+    assert kind == "TypeError", results[0]
+    assert "DistributedDataParallel cannot synchronize a model parallelized by shardwise" in message
+    assert "fully_shard(model, mesh=mesh2d['dp'])" in message
+
+
 # -- arguments -------------------------------------------------------------------------------------
 def _tp_mesh_dim_bool(world: int) -> tuple[str, str]:
     return outcome(lambda: parallelize_module(MLP(), mesh_of(world), PairwiseParallel(),

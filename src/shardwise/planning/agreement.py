@@ -39,6 +39,16 @@ from torch.distributed.device_mesh import DeviceMesh
 __all__ = ["agree_on_plan", "canonical_order", "check_not_wrapped", "describe_fn", "describe_style"]
 
 _ORDER = "TP first, then data parallelism over the other mesh dimension"
+_FSDP2 = "fully_shard(model, mesh=mesh2d['dp'])"
+_DDP_MESSAGE = (
+    "DistributedDataParallel cannot synchronize a model parallelized by shardwise: its "
+    "gradients reach the DTensor parameters when backward ends, outside the autograd hooks "
+    "DDP syncs in, so every replica would train on its own gradients. For data parallelism "
+    f"over the other mesh dimension use FSDP2 after tensor parallelism: {_FSDP2} "
+    "(shardwise.fsdp.parallelize_2d does both; reshard_after_forward=False keeps parameters "
+    "gathered like DDP). If DDP was given device_mesh=, it may already have converted the "
+    "parameters: build and parallelize the model again."
+)
 
 
 class _StepLike(Protocol):
@@ -59,8 +69,8 @@ def _wrappers() -> list[tuple[type, str, str]]:
     found: list[tuple[type, str, str]] = []
     ddp = getattr(torch.nn.parallel, "DistributedDataParallel", None)
     if isinstance(ddp, type):
-        found.append((ddp, "DistributedDataParallel (DDP)",
-                      "DDP(model, process_group=mesh2d.get_group('dp'))"))
+        # DDP cannot follow either (see RefuseDDP): data parallelism goes through FSDP2.
+        found.append((ddp, "DistributedDataParallel (DDP)", f"{_FSDP2} (DDP cannot sync it)"))
     try:
         from torch.distributed import fsdp
     except ImportError:  # pragma: no cover - torch without distributed FSDP
@@ -71,7 +81,7 @@ def _wrappers() -> list[tuple[type, str, str]]:
                       "FSDP(model, device_mesh=mesh2d['dp'], use_orig_params=True)"))
     fsdp2 = getattr(fsdp, "FSDPModule", None)
     if isinstance(fsdp2, type):
-        found.append((fsdp2, "fully_shard (FSDP2)", "fully_shard(model, mesh=mesh2d['dp'])"))
+        found.append((fsdp2, "fully_shard (FSDP2)", _FSDP2))
     return found
 
 
@@ -104,6 +114,28 @@ def check_not_wrapped(module: nn.Module) -> None:
                         f"({_ORDER}): parallelize_module(model, mesh2d, plan, tp_mesh_dim=1), "
                         f"then {how}."
                     )
+
+
+class RefuseDDP:
+    """Set as ``_ddp_params_and_buffers_to_ignore`` on a parallelized model: DDP raises.
+
+    ``DistributedDataParallel.__init__`` reads that attribute (``set(...)``) before it
+    broadcasts or registers anything; iterating this object raises a ``TypeError`` that says
+    why DDP cannot work here and what to use instead, on every rank alike, instead of a DDP
+    that runs and never synchronizes the gradients.
+
+    Example::
+
+        >>> DDP(parallelize_module(model, mesh2d, plan, tp_mesh_dim=1))
+        Traceback (most recent call last):
+        TypeError: DistributedDataParallel cannot synchronize a model parallelized by shardwise ...
+    """
+
+    def __iter__(self) -> Any:
+        raise TypeError(_DDP_MESSAGE)
+
+    def __repr__(self) -> str:
+        return "RefuseDDP()"
 
 
 # -- describing steps ------------------------------------------------------------------------
