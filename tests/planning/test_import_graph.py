@@ -115,6 +115,14 @@ def test_the_layers_point_one_way():
 _PRIVATE_TORCH_HOME = ROOT / "_engine" / "torch_compat.py"
 
 
+def _torch_chain(node: ast.Attribute) -> bool:
+    """``torch.<...>.<attr>``: an attribute chain rooted at the name ``torch``."""
+    value: ast.expr = node.value
+    while isinstance(value, ast.Attribute):
+        value = value.value
+    return isinstance(value, ast.Name) and value.id == "torch"
+
+
 def _private_torch_uses(path: Path) -> list[str]:
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
@@ -125,6 +133,8 @@ def _private_torch_uses(path: Path) -> list[str]:
                 found.append(f"from {node.module} import {', '.join(names)}")
         elif isinstance(node, ast.Import):
             found += [f"import {a.name}" for a in node.names if "._" in a.name and a.name.startswith("torch")]
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and _torch_chain(node):
+            found.append(f"{ast.unparse(node)} (a private torch name)")
         elif isinstance(node, ast.Attribute) and node.attr == "_local_tensor":
             if "_engine" not in path.parts:  # the engine's hot path is listed on the compat page
                 found.append("._local_tensor (off the hot path, to_local() does it)")

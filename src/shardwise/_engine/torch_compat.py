@@ -47,6 +47,8 @@ __all__ = [
     "dcp_storage_info_class",
     "dtensor_like",
     "fake_group_in_job",
+    "fused_sdp_choice",
+    "sdpa_flash_cpu",
     "fake_world",
     "foreach_mul_",
     "pytree",
@@ -82,6 +84,12 @@ all_gather_single: Any = getattr(dist, "all_gather_single", None) or dist.all_ga
 # ``torch.utils._pytree``: map over the tensors of nested inputs/outputs (explain's dry run
 # moves example inputs to meta and finds the loss). No public module in torch 2.13.
 from torch.utils import _pytree as pytree  # noqa: E402
+
+# ``torch._fused_sdp_choice`` and ``aten._scaled_dot_product_flash_attention_for_cpu``:
+# which fused attention kernel CPU tensors get, and that kernel itself, so explain's dry
+# run on meta saves what a real CPU step saves (the meta device has no fused attention).
+fused_sdp_choice: Any = torch._fused_sdp_choice
+sdpa_flash_cpu: Any = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 # ``TorchDispatchMode``: see every aten and c10d op a dry run issues (explain's collective
 # log), the mechanism CommDebugMode itself is built on.

@@ -38,7 +38,13 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.overrides import TorchFunctionMode
 
-from .._engine.torch_compat import TorchDispatchMode, fake_group_in_job, fake_world
+from .._engine.torch_compat import (
+    TorchDispatchMode,
+    fake_group_in_job,
+    fake_world,
+    fused_sdp_choice,
+    sdpa_flash_cpu,
+)
 
 __all__ = [
     "KINDS",
@@ -263,7 +269,7 @@ def _meta_flash(
     from torch.nn.attention import SDPBackend
 
     mask = None if attn_mask is None else _stand_in(attn_mask)
-    choice = torch._fused_sdp_choice(
+    choice = fused_sdp_choice(
         _stand_in(query), _stand_in(key), _stand_in(value), mask, dropout_p, is_causal,
         scale=scale, enable_gqa=enable_gqa,
     )
@@ -273,7 +279,7 @@ def _meta_flash(
         # As sdpa does before a fused kernel: 0 where attending, -inf elsewhere.
         zero = torch.zeros((), dtype=query.dtype, device=query.device)
         attn_mask = zero.masked_fill(~attn_mask, float("-inf"))
-    out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+    out = sdpa_flash_cpu(
         query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
     )
     return out[0]
