@@ -127,6 +127,43 @@ def test_explain_equals_a_real_tp2_run(pool, sp):
         assert c["forward"]["all_reduce"]["count"] == 0
 
 
+def _real_gloo_steps(world: int) -> list[dict]:
+    """Two real sequence-parallel steps on a group never used before (nothing agreed yet)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    group = dist.new_group(list(range(world)))
+    model = parallelize_module(_stack(), DeviceMesh.from_group(group, "cpu"), {"blocks.*": gpt_block_plan(True)})
+    steps = []
+    for _ in range(2):
+        with CollectiveLog(group) as fwd:
+            out = model(_input(world, True))
+        with CollectiveLog(group) as bwd:
+            out.sum().backward()
+        model.zero_grad(set_to_none=True)
+        steps.append({"forward": fwd.summary(), "backward": bwd.summary()})
+    dist.destroy_process_group(group)
+    return steps
+
+
+def test_explain_on_gloo_reports_the_first_step_and_the_steady_state(pool):
+    # A real gloo step: sequence gathers carry each rank's shape, and the first one on a
+    # group agrees on a padded capacity with one more (header-only) all-gather.
+    first, steady = pool.run(_real_gloo_steps, 2)[0]
+    assert first != steady
+    report = explain(
+        _stack(), {"blocks.*": gpt_block_plan(True)}, tp_size=2, example_inputs=_input(2, True),
+        backend="gloo",
+    )
+    assert report.first_step_collectives == first
+    assert report.collectives == steady
+    gathers = report.collectives["forward"]["all_gather"]
+    assert gathers["bytes"] == gathers["count"] * 2 * (SIZED_GATHER_HEADER + SEQ // 2 * BATCH * DIM * 4)
+    assert "collectives of the first step" in str(report)
+    # NCCL sends payloads only, every step alike.
+    nccl = explain(_stack(), {"blocks.*": gpt_block_plan(True)}, tp_size=2, example_inputs=_input(2, True))
+    assert nccl.first_step_collectives is None and nccl.to_dict()["backend"] == "nccl"
+
+
 def _llama(**overrides: Any) -> nn.Module:
     import transformers as T
 

@@ -64,7 +64,8 @@ class Local(ModuleStyle):
 
     def apply(self, module: Any, mesh: Any) -> Any:
         distribute_parameter(module, "weight", mesh, self.placement, sum_grads=self.sum_grads)
-        return LocalForward(mesh.get_group(), label=repr(self)).install(module)
+        summed = frozenset({"weight"}) if self.sum_grads else frozenset()
+        return LocalForward(mesh.get_group(), summed=summed, label=repr(self)).install(module)
 
 
 PLAN = {
@@ -84,7 +85,7 @@ def test_own_forward_on_local_shards_trains_like_one_device(pools, world):
     assert pools(world).run(_parity, world) == [3 * 6] * world
 
 
-def test_parameters_come_back_whatever_the_forward_does():
+def _parameters_come_back(world: int) -> bool:
     class Boom(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -93,7 +94,7 @@ def test_parameters_come_back_whatever_the_forward_does():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             raise RuntimeError("boom")
 
-    mesh = _single_mesh()
+    mesh = mesh_of(world)
     module = Boom()
     distribute_parameter(module, "weight", mesh, Replicate())
     LocalForward(mesh.get_group()).install(module)
@@ -102,16 +103,8 @@ def test_parameters_come_back_whatever_the_forward_does():
     assert isinstance(module.weight, DTensor)
     with local_parameters(module):
         assert not isinstance(module.weight, DTensor)
-    assert isinstance(module.weight, DTensor)
+    return isinstance(module.weight, DTensor)
 
 
-def _single_mesh() -> Any:
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        import os
-
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29555")
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    return mesh_of(1)
+def test_parameters_come_back_whatever_the_forward_does(pools):
+    assert pools(1).run(_parameters_come_back, 1) == [True]

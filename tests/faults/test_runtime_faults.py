@@ -28,6 +28,7 @@ from shardwise import (
 )
 from shardwise.debug import check_layouts
 from shardwise.testing import full, mesh_of
+from shardwise.testing.models import GPTStack, gpt_block_plan
 
 
 # -- uneven and mismatched sequence shards ---------------------------------------------------
@@ -183,6 +184,22 @@ def _moves(world: int) -> list[str]:
         check(model, ref, x, what)
         ref.zero_grad()
 
+    # Replicated weights whose gradients are summed over the group (sequence-parallel
+    # norms) keep that sum after a move: the sum belongs to the installed forward.
+    for what, move in [("SP norms to(float64)", lambda m: m.to(torch.float64)),
+                       ("SP norms to_empty", _refilled)]:
+        torch.manual_seed(0)
+        ref_sp = GPTStack(16, 2, 1).double()
+        model = parallelize_module(copy.deepcopy(ref_sp).float(), mesh, {"blocks.*": gpt_block_plan(True)})
+        model = move(model) if what.endswith("float64)") else move(model, ref_sp)
+        xs = torch.randn(2 * world, 3, 16, dtype=torch.float64)
+        mine = xs.chunk(world)[dist.get_rank()].clone().requires_grad_()
+        model(mine).sum().backward()
+        ref_sp(xs).sum().backward()
+        for (name, p), p_ref in zip(model.named_parameters(), ref_sp.parameters()):
+            torch.testing.assert_close(full(p.grad), p_ref.grad, msg=f"{what}: {name}")
+        done.append(what)
+
     # Sequence parallelism under inference_mode (the shared entry cache needs no version).
     model = parallelize_module(copy.deepcopy(ref), mesh, SequenceParallel())
     xs = torch.randn(2 * world, 3, 16)
@@ -191,6 +208,16 @@ def _moves(world: int) -> list[str]:
         torch.testing.assert_close(y, ref(xs).chunk(world)[dist.get_rank()])
     done.append("inference_mode")
     return done
+
+
+def _refilled(model: nn.Module, ref: nn.Module) -> nn.Module:
+    """``to_empty`` in float64, then the reference's weights loaded into the shards."""
+    model.to_empty(device="cpu")
+    model.double()
+    with torch.no_grad():
+        for p, p_ref in zip(model.parameters(), ref.parameters()):
+            p.copy_(distribute_tensor(p_ref.detach(), p.device_mesh, p.placements))
+    return model
 
 
 def _on_meta(cls: type[nn.Module]) -> nn.Module:
@@ -202,7 +229,8 @@ def test_models_move_after_parallelize(pools):
     results = pools(2).run(_moves, 2, timeout=TIMEOUT)
     assert results[0] == results[1] == [
         "to(float64)", "to(float64) again", "double()", "double() again", "to('cpu')",
-        "to('cpu') again", "to_empty", "meta build + to_empty", "inference_mode",
+        "to('cpu') again", "to_empty", "meta build + to_empty", "SP norms to(float64)",
+        "SP norms to_empty", "inference_mode",
     ]
 
 

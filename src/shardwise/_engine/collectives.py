@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from .sized_gather import gather_sized
+from .sized_gather import gather_sized, takes_sized_gather
 from .torch_compat import all_gather_single
 
 __all__ = [
@@ -181,7 +181,7 @@ def _gather(x: torch.Tensor, group: ProcessGroup, dim: int, size: int | None) ->
     """``all_gather_along``; with an unknown ``size`` on gloo (CPU), :func:`gather_sized`."""
     if (
         size is None
-        and x.device.type == "cpu"
+        and takes_sized_gather(x, group)
         and dist.get_world_size(group) > 1
         and not torch.compiler.is_compiling()
     ):

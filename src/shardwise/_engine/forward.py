@@ -31,9 +31,12 @@ from __future__ import annotations
 import types
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 from torch.distributed.tensor import DTensor, Placement
+
+from .local_params import local_param
 
 __all__ = [
     "ParallelForward",
@@ -56,6 +59,19 @@ class ParallelForward:
     # The class whose forward this one computes (nn.Linear, nn.Embedding, ...); a
     # subclass's own forward around it is kept. None: replace whatever forward is there.
     base: ClassVar[type[nn.Module] | None] = None
+    # The module's parameters whose gradients are summed over ``group`` (replicated weights
+    # applied to sharded activations). The forward holds this, not the parameter, so it
+    # survives ``module.to(...)`` and ``to_empty``, which swap the local tensors.
+    summed: frozenset[str] = frozenset()
+
+    def param(self, module: nn.Module, name: str) -> torch.Tensor | None:
+        """``module``'s parameter ``name`` as the local tensor to compute with.
+
+        Example::
+
+            >>> w = self.param(module, "weight")
+        """
+        return local_param(module._parameters.get(name), self.group if name in self.summed else None)
 
     def __call__(self, module: Any, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError

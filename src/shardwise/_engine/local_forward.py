@@ -42,11 +42,14 @@ Leave = Callable[[Any], Any]
 
 
 @contextlib.contextmanager
-def local_parameters(module: nn.Module) -> Iterator[None]:
+def local_parameters(
+    module: nn.Module, summed: frozenset[str] = frozenset(), group: ProcessGroup | None = None
+) -> Iterator[None]:
     """Within the block, ``module``'s own DTensor parameters read as their local shards.
 
     Only the module's direct parameters are swapped (children run their own forwards);
-    the DTensors are put back however the block exits.
+    the DTensors are put back however the block exits. ``summed`` names the parameters
+    whose gradients are summed over ``group`` (see ``ParallelForward.summed``).
 
     Example::
 
@@ -56,7 +59,7 @@ def local_parameters(module: nn.Module) -> Iterator[None]:
     params = module._parameters
     swapped = {name: p for name, p in params.items() if isinstance(p, DTensor)}
     for name, p in swapped.items():
-        params[name] = local_param(p)  # type: ignore[assignment]
+        params[name] = local_param(p, group if name in summed else None)  # type: ignore[assignment]
     try:
         yield
     finally:
@@ -75,6 +78,8 @@ class LocalForward(ParallelForward):
         leave: ``output -> output`` after it (e.g. *g* on a partial sum).
         input_layout, output_layout: what the forward declares for tools such as
             :func:`shardwise.debug.check_layouts` (``None``: not declared).
+        summed: the parameters distributed with ``sum_grads=True`` (their gradients are
+            summed over ``group``; said again here so a moved model keeps the sum).
         label: a short description for ``repr`` (the style that installed it).
     """
 
@@ -86,9 +91,11 @@ class LocalForward(ParallelForward):
         leave: Leave | None = None,
         input_layout: Placement | None = None,
         output_layout: Placement | None = None,
+        summed: frozenset[str] = frozenset(),
         label: str = "",
     ) -> None:
         self.group = group
+        self.summed = summed
         self.enter, self.leave = enter, leave
         self.input_layout, self.output_layout = input_layout, output_layout
         self.label = label
@@ -99,6 +106,6 @@ class LocalForward(ParallelForward):
     def __call__(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if self.enter is not None:
             args, kwargs = self.enter(args, kwargs)
-        with local_parameters(module):
+        with local_parameters(module, self.summed, self.group):
             out = type(module).forward(module, *args, **kwargs)
         return out if self.leave is None else self.leave(out)

@@ -63,8 +63,14 @@ def install_local_leaf(
     setattr(local, _SUM_OVER, sum_grads_over)
 
 
-def local_param(param: torch.Tensor | None) -> torch.Tensor | None:
+def local_param(
+    param: torch.Tensor | None, sum_over: ProcessGroup | None = None
+) -> torch.Tensor | None:
     """The local tensor to compute with for ``param`` (a DTensor parameter, or plain).
+
+    ``sum_over`` is the group its gradients are summed over (as installed), for a local
+    tensor someone swapped in since (``module.to(...)``, ``to_empty``): it is set up
+    again with the same sum, which the swapped-in tensor itself cannot carry.
 
     Example::
 
@@ -82,7 +88,7 @@ def local_param(param: torch.Tensor | None) -> torch.Tensor | None:
         # A parameter swapped in by someone else (``module.to(...)``, or FSDP's unsharded
         # parameters): adopt its local tensor. Its gradient is handed over at once, since
         # such a framework's own hooks may read it before the backward pass ends.
-        install_local_leaf(param, at_once=True)
+        install_local_leaf(param, sum_over, at_once=True)
         return local
     return param.to_local()
 

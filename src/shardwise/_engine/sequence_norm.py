@@ -22,7 +22,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate
 
 from .forward import ParallelForward, check_installable
-from .local_params import distribute_parameter, local_param
+from .local_params import distribute_parameter
 
 __all__ = ["NORM_TYPES", "check_norm", "is_norm", "shard_norm"]
 
@@ -63,6 +63,7 @@ class _NormForward(ParallelForward):
     def __init__(self, module: nn.Module, mesh: DeviceMesh) -> None:
         self.group = mesh.get_group()
         self.layer_norm = isinstance(module, nn.LayerNorm)
+        self.summed = frozenset(name for name, _ in module.named_parameters(recurse=False))
 
     def __repr__(self) -> str:
         return "_NormForward()"
@@ -70,10 +71,10 @@ class _NormForward(ParallelForward):
     def __call__(self, module: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         if self.layer_norm:
             return F.layer_norm(
-                x, module.normalized_shape, local_param(module.weight), local_param(module.bias),
+                x, module.normalized_shape, self.param(module, "weight"), self.param(module, "bias"),
                 module.eps,
             )
-        return F.rms_norm(x, module.normalized_shape, local_param(module.weight), module.eps)
+        return F.rms_norm(x, module.normalized_shape, self.param(module, "weight"), module.eps)
 
 
 def shard_norm(module: nn.Module, mesh: DeviceMesh) -> nn.Module:

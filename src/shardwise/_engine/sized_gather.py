@@ -24,6 +24,12 @@ Only CPU tensors take this path (gloo, where the abort happens): reading the hea
 the host would synchronise an accelerator's stream on every gather, so there pieces
 must keep the shapes the model declares (see the README's contract).
 
+A dry run (:func:`shardwise.explain` with ``backend="gloo"``) computes on fake tensors,
+whose values cannot be read; for the groups it registers with :func:`emulated_on`, the
+same collectives are issued with the same sizes, each rank assumed to hold this rank's
+piece (the even split a plan declares), so the dry run reports what a gloo run sends:
+headers, padding and the first-step capacity agreement included.
+
 Example::
 
     >>> full = gather_sized(x_mine, group, dim=0)   # 2 ranks with 3 and 2 rows -> 5 rows
@@ -31,16 +37,18 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from .torch_compat import all_gather_single
+from .torch_compat import all_gather_single, is_fake
 
-__all__ = ["gather_sized"]
+__all__ = ["emulated_on", "gather_sized", "takes_sized_gather"]
 
 
 _MAGIC = 0x5348_5744  # "SHWD": a header that is not one is a collective mismatch
@@ -54,6 +62,9 @@ _ALIGN = 16
 # same gathered headers, so it stays equal across the group without communicating.
 _CAPACITY: dict[tuple[Any, ...], int] = {}
 
+
+# Groups whose sized gathers a dry run emulates on fake tensors (see emulated_on).
+_EMULATED: set[tuple[Any, ...]] = set()
 
 _KEYS: dict[int, tuple[ProcessGroup, tuple[Any, ...]]] = {}
 _HEADERS: dict[tuple[Any, ...], torch.Tensor] = {}
@@ -133,6 +144,34 @@ def _check(heads: list[list[int]], dim: int, dtype: torch.dtype, world: int) -> 
     return rows
 
 
+@contextlib.contextmanager
+def emulated_on(group: ProcessGroup) -> Iterator[None]:
+    """Within the block, fake CPU tensors on ``group`` take the sized gather, emulated.
+
+    Example::
+
+        >>> with emulated_on(fake_group):   # explain(..., backend="gloo")
+        ...     model(fake_input)
+    """
+    key = _group_key(group)
+    _EMULATED.add(key)
+    try:
+        yield
+    finally:
+        _EMULATED.discard(key)
+        _CAPACITY.pop(key, None)
+
+
+def takes_sized_gather(x: torch.Tensor, group: ProcessGroup) -> bool:
+    """Whether a gather of ``x`` with no known global length goes through :func:`gather_sized`.
+
+    CPU tensors do (gloo); a dry run's fake CPU tensors only where it emulates gloo.
+    """
+    if x.device.type != "cpu":
+        return False
+    return not is_fake(x) or _group_key(group) in _EMULATED
+
+
 def gather_sized(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
     """Concatenate every rank's ``x`` along ``dim``, whatever its length there.
 
@@ -152,8 +191,10 @@ def gather_sized(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor
     xt = x.detach().movedim(dim, 0).contiguous() if ndim else x.detach().reshape(1)
     payload = xt.reshape(-1).view(torch.uint8)
     need = payload.numel()
-    header = _header_bytes(xt, ndim, dim, tuple(x.shape), need).to(x.device)
     key = _group_key(group)
+    if is_fake(x):
+        return _emulated(xt, group, key, need, world).movedim(0, dim) if ndim else x
+    header = _header_bytes(xt, ndim, dim, tuple(x.shape), need).to(x.device)
     cap = _CAPACITY.get(key, 0)
     while True:
         slot = _HEADER + cap
@@ -187,3 +228,19 @@ def gather_sized(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor
             for r in range(world)
         ])
     return full.movedim(0, dim) if ndim else full
+
+
+def _emulated(
+    xt: torch.Tensor, group: ProcessGroup, key: tuple[Any, ...], need: int, world: int
+) -> torch.Tensor:
+    """:func:`gather_sized`'s collectives on fake tensors, every rank holding ``need`` bytes."""
+    cap = _CAPACITY.get(key, 0)
+    while True:
+        slot = _HEADER + cap
+        send = torch.empty(slot, dtype=torch.uint8, device=xt.device)
+        flat = torch.empty(world * slot, dtype=torch.uint8, device=xt.device)
+        all_gather_single(flat, send, group=group)
+        if need <= cap:
+            break
+        cap = _CAPACITY[key] = -(-need // _ALIGN) * _ALIGN
+    return xt.new_empty((world * xt.shape[0], *xt.shape[1:]))

@@ -38,6 +38,7 @@ from torch.distributed.tensor import DTensor
 
 __all__ = [
     "DropoutBase",
+    "FakeTensorMode",
     "StridedShard",
     "TorchDispatchMode",
     "all_gather_single",
@@ -47,10 +48,9 @@ __all__ = [
     "dcp_storage_info_class",
     "dtensor_like",
     "fake_group_in_job",
-    "fused_sdp_choice",
-    "sdpa_flash_cpu",
     "fake_world",
     "foreach_mul_",
+    "is_fake",
     "pytree",
     "queue_engine_callback",
 ]
@@ -83,13 +83,16 @@ all_gather_single: Any = getattr(dist, "all_gather_single", None) or dist.all_ga
 
 # ``torch.utils._pytree``: map over the tensors of nested inputs/outputs (explain's dry run
 # moves example inputs to meta and finds the loss). No public module in torch 2.13.
+# ``FakeTensor``: explain's dry run computes on fake CPU tensors (no storage), on which
+# nothing may read values on the host (a sized gather's headers are emulated instead).
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode  # noqa: E402
 from torch.utils import _pytree as pytree  # noqa: E402
 
-# ``torch._fused_sdp_choice`` and ``aten._scaled_dot_product_flash_attention_for_cpu``:
-# which fused attention kernel CPU tensors get, and that kernel itself, so explain's dry
-# run on meta saves what a real CPU step saves (the meta device has no fused attention).
-fused_sdp_choice: Any = torch._fused_sdp_choice
-sdpa_flash_cpu: Any = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+def is_fake(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a fake tensor (a dry run's: shapes and dtypes, no values)."""
+    return isinstance(t, FakeTensor)
+
 
 # ``TorchDispatchMode``: see every aten and c10d op a dry run issues (explain's collective
 # log), the mechanism CommDebugMode itself is built on.
@@ -117,12 +120,13 @@ def fake_world(size: int) -> None:
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=size)
 
 
-def fake_group_in_job(size: int, name: str) -> dist.ProcessGroup:
-    """A fake group of ``size`` placeholder ranks, registered beside a running job's groups.
+def fake_group_in_job(size: int, name: str, others: list[int]) -> dist.ProcessGroup:
+    """A fake group of ``size`` ranks registered beside a running job's groups.
 
-    This process is its rank 0; ``dist.destroy_process_group(pg)`` removes it. Built the
-    way c10d builds a group (a ``ProcessGroup`` with ``FakeProcessGroup`` as its backend,
-    then ``_register_pg_in_world``), so DeviceMesh and DTensor accept it. Since 2.4.
+    This process is its rank 0 and ``others`` (global rank numbers no real process has)
+    are its ranks 1 to ``size - 1``; ``dist.destroy_process_group(pg)`` removes it. Built
+    the way c10d builds a group (a ``ProcessGroup`` with ``FakeProcessGroup`` as its
+    backend, then ``_register_pg_in_world``), so DeviceMesh and DTensor accept it. Since 2.4.
     """
     from torch._C._distributed_c10d import FakeProcessGroup
     from torch.distributed import distributed_c10d as c10d
@@ -136,8 +140,7 @@ def fake_group_in_job(size: int, name: str) -> dist.ProcessGroup:
     pg._register_backend(torch.device("cpu"), custom, backend)
     pg._set_group_name(name)  # type: ignore[arg-type]
     pg._set_group_desc("shardwise dry run (fake)")
-    rank, job_size = dist.get_rank(), dist.get_world_size()
-    ranks = {rank: 0, **{job_size + i: i for i in range(1, size)}}  # placeholders for the others
+    ranks = {dist.get_rank(): 0, **{r: i for i, r in enumerate(others, start=1)}}
     c10d._register_pg_in_world(pg, "fake", store, name, "cpu:fake", rank_mapping=ranks)  # type: ignore[arg-type]
     return pg
 

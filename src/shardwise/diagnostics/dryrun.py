@@ -1,11 +1,11 @@
-"""The machinery of a dry run: a fake TP group, a collective log, saved-activation bytes.
+"""The machinery of a dry run: fake process groups, a collective log, saved-activation bytes.
 
-:func:`shardwise.explain` runs a parallelized copy of a model on the meta device in one
-process. This module gives it the three things it needs:
+:func:`shardwise.explain` runs a parallelized copy of a model on fake tensors (shapes and
+dtypes, no storage) in one process. This module gives it the three things it needs:
 
-* :func:`fake_tp_mesh`: a 1-D ``DeviceMesh`` of any size over torch's fake process group
-  (collectives return at once and move nothing), as rank 0. Without a process group it
-  is the default group for the duration; inside a job it is an extra group next to the
+* :func:`fake_mesh`: a 1-D or 2-D ``DeviceMesh`` of any size over torch's fake process
+  group (collectives return at once and move nothing), as rank 0. Without a process group
+  it is the default group for the duration; inside a job it is an extra group next to the
   job's, removed on exit, so the job's own groups never see a collective.
 * :class:`CollectiveLog`: counts collectives on one group and their bytes as NCCL-tests
   sizes them (all-reduce: the reduced tensor; all-gather: the gathered output;
@@ -14,13 +14,12 @@ process. This module gives it the three things it needs:
 * :func:`saved_activation_bytes`: bytes of the distinct storages autograd saves for
   backward, leaving out the ones given (parameters).
 
-:func:`flash_attention_on_meta` makes ``scaled_dot_product_attention`` on meta tensors
-save what the CPU kernel saves (meta alone would take the math path and save the
-attention matrix).
+Fake CPU tensors take the kernels CPU tensors take (fused attention included), so what
+autograd saves is what a real CPU step saves.
 
 Example::
 
-    >>> with fake_tp_mesh(8) as mesh, CollectiveLog(mesh.get_group()) as log:
+    >>> with fake_mesh(8) as mesh, CollectiveLog(mesh.get_group()) as log:
     ...     y = parallelize_module(meta_model, mesh, plan)(x_meta)
     >>> log.summary()
     {'all_reduce': {'count': 2, 'bytes': 65536}, 'all_gather': {...}, 'reduce_scatter': {...}}
@@ -28,29 +27,27 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh
-from torch.overrides import TorchFunctionMode
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from .._engine.sized_gather import emulated_on
 from .._engine.torch_compat import (
     TorchDispatchMode,
     fake_group_in_job,
     fake_world,
-    fused_sdp_choice,
-    sdpa_flash_cpu,
 )
 
 __all__ = [
     "KINDS",
     "CollectiveLog",
-    "fake_tp_mesh",
-    "flash_attention_on_meta",
+    "fake_mesh",
     "saved_activation_bytes",
 ]
 
@@ -67,35 +64,58 @@ def _nbytes(t: Any) -> int:
 
 
 @contextmanager
-def fake_tp_mesh(size: int) -> Iterator[DeviceMesh]:
-    """A 1-D CPU mesh of ``size`` ranks over a fake process group, this process as rank 0.
+def fake_mesh(tp_size: int, dp_size: int = 1, *, backend: str = "nccl") -> Iterator[DeviceMesh]:
+    """A CPU mesh over fake process groups, this process as rank 0 of each dimension.
 
-    Nothing is communicated, whatever runs on it. With no default process group, one is
-    created for the duration (fake, of ``size``) and destroyed on exit. Inside a job,
-    a separate fake group is registered next to the job's (its other members are
-    placeholder rank numbers) and destroyed on exit; the job's groups are untouched.
+    1-D (``tp_size`` ranks) when ``dp_size`` is 1, else 2-D ``(dp_size, tp_size)`` named
+    ``("dp", "tp")``. Nothing is communicated, whatever runs on it. With no default process
+    group, a fake one of ``dp_size * tp_size`` ranks is created for the duration and
+    destroyed on exit. Inside a job, separate fake groups are registered next to the job's
+    (their other members are rank numbers no process has) and destroyed on exit; the job's
+    groups are untouched. ``backend="gloo"`` makes fake CPU tensors on the TP group take
+    the sized gather gloo runs take (headers, padding, first-step agreement).
 
     Example::
 
-        >>> with fake_tp_mesh(64) as mesh:
-        ...     model = parallelize_module(meta_model, mesh, plan)
+        >>> with fake_mesh(8, 4) as mesh:
+        ...     model = parallelize_module(meta_model, mesh, plan, tp_mesh_dim=1)
     """
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise ValueError(f"tp_size must be a positive int, got {size!r}")
-    if not dist.is_initialized():
-        fake_world(size)
-        try:
-            world = dist.group.WORLD
-            assert world is not None
-            yield DeviceMesh.from_group(world, "cpu")
-        finally:
-            dist.destroy_process_group()
-        return
-    pg = fake_group_in_job(size, f"shardwise_dry_run_{next(_NAMES)}")
-    try:
-        yield DeviceMesh.from_group(pg, "cpu")
-    finally:
-        dist.destroy_process_group(pg)
+    for name, size in (("tp_size", tp_size), ("dp_size", dp_size)):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"{name} must be a positive int, got {size!r}")
+    with contextlib.ExitStack() as stack:
+        mesh = _own_world(stack, tp_size, dp_size) if not dist.is_initialized() else _beside_job(
+            stack, tp_size, dp_size
+        )
+        if backend == "gloo":
+            stack.enter_context(emulated_on(mesh.get_group(mesh.ndim - 1)))
+        yield mesh
+
+
+def _own_world(stack: contextlib.ExitStack, tp: int, dp: int) -> DeviceMesh:
+    fake_world(tp * dp)
+    stack.callback(dist.destroy_process_group)
+    if dp == 1:
+        world = dist.group.WORLD
+        assert world is not None
+        return DeviceMesh.from_group(world, "cpu")
+    return init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
+
+
+def _beside_job(stack: contextlib.ExitStack, tp: int, dp: int) -> DeviceMesh:
+    rank, free = dist.get_rank(), dist.get_world_size()  # rank numbers from ``free`` are unused
+    grid = torch.arange(free, free + tp * dp).view(dp, tp)
+    grid[0, 0] = rank
+    groups = []
+    for size, others in ((dp, grid[1:, 0].tolist()), (tp, grid[0, 1:].tolist())):
+        if size == 1 and dp == 1:
+            continue
+        pg = fake_group_in_job(size, f"shardwise_dry_run_{next(_NAMES)}", others)
+        stack.callback(dist.destroy_process_group, pg)
+        groups.append(pg)
+    if dp == 1:
+        return DeviceMesh.from_group(groups[0], "cpu")
+    return DeviceMesh.from_group(groups, "cpu", mesh=grid, mesh_dim_names=("dp", "tp"))
 
 
 # op name -> (kind, which argument is sized, multiply by the group size)
@@ -220,66 +240,3 @@ def saved_activation_bytes(exclude: Iterable[torch.Tensor] = ()) -> Iterator[dic
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield result
     result["bytes"] = sum(t.untyped_storage().nbytes() for t in seen.values())
-
-
-class flash_attention_on_meta(TorchFunctionMode):
-    """``scaled_dot_product_attention`` on meta tensors takes the kernel CPU would take.
-
-    The meta device has no fused attention, so torch falls back to the math path there,
-    which saves the whole attention matrix for backward. This mode asks torch which
-    kernel CPU tensors of the same shapes would get and, for the fused one, calls it:
-    it saves q, k, v, the output and the log-sum-exp (and the mask, as a float tensor),
-    as a real CPU run does.
-
-    Example::
-
-        >>> with flash_attention_on_meta():
-        ...     y = model(x_meta)
-    """
-
-    def __torch_function__(
-        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
-    ) -> Any:
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.scaled_dot_product_attention:
-            out = _meta_flash(*args, **kwargs)
-            if out is not None:
-                return out
-        return func(*args, **kwargs)
-
-
-def _stand_in(t: torch.Tensor) -> torch.Tensor:
-    """A CPU tensor with ``t``'s shape, dtype and grad flag, one row of memory."""
-    row = torch.empty(t.shape[-1] if t.dim() else 1, dtype=t.dtype, requires_grad=t.requires_grad)
-    return row.expand(t.shape) if t.dim() else row[0]
-
-
-def _meta_flash(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-) -> torch.Tensor | None:
-    if not all(isinstance(t, torch.Tensor) and t.is_meta for t in (query, key, value)):
-        return None
-    from torch.nn.attention import SDPBackend
-
-    mask = None if attn_mask is None else _stand_in(attn_mask)
-    choice = fused_sdp_choice(
-        _stand_in(query), _stand_in(key), _stand_in(value), mask, dropout_p, is_causal,
-        scale=scale, enable_gqa=enable_gqa,
-    )
-    if choice != SDPBackend.FLASH_ATTENTION.value:
-        return None
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        # As sdpa does before a fused kernel: 0 where attending, -inf elsewhere.
-        zero = torch.zeros((), dtype=query.dtype, device=query.device)
-        attn_mask = zero.masked_fill(~attn_mask, float("-inf"))
-    out = sdpa_flash_cpu(
-        query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
-    )
-    return out[0]

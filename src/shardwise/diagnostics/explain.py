@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,11 +39,11 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
 from .._engine.collectives import chunk_range
-from .._engine.torch_compat import pytree
+from .._engine.torch_compat import FakeTensorMode, pytree
 from ..api import parallelize_module
-from ..planning.expand import resolve
+from ..planning.expand import expand_plan, resolve
 from ..styles.base import ParallelStyle, join_fqn
-from .dryrun import CollectiveLog, fake_tp_mesh, flash_attention_on_meta, saved_activation_bytes
+from .dryrun import CollectiveLog, fake_mesh, saved_activation_bytes
 from .explain_report import ExplainReport, pattern
 
 __all__ = ["OPTIMIZER_STATES", "ExplainReport", "explain", "meta_copy", "module_rows", "planned_styles"]
@@ -64,13 +65,15 @@ def explain(
     seq_len: int | None = None,
     dtype: torch.dtype | None = None,
     optimizer: str | None = "adamw",
+    backend: str = "nccl",
 ) -> ExplainReport:
     """Dry-run one training step of ``plan`` at ``tp_size`` and report its cost per rank.
 
-    Runs in this process, on the meta device, over a fake process group: nothing is
-    communicated, with or without a process group already set up, and ``model`` (on
-    meta or real) is not modified. A plan ``parallelize_module`` would refuse raises the
-    same error here.
+    Runs in this process, on fake tensors (shapes and dtypes, no storage) over a fake
+    process group: nothing is allocated or communicated, with or without a process group
+    already set up, and ``model`` (on meta or real) is not modified. A plan
+    ``parallelize_module`` would refuse raises the same error here, before any group is
+    made.
 
     Args:
         model: the single-device model.
@@ -78,7 +81,7 @@ def explain(
             Face model: :func:`shardwise.hf.auto_plan` at ``tp_size``).
 
     Keyword Args:
-        tp_size: the tensor-parallel size, any positive int.
+        tp_size: the tensor-parallel size, a positive int.
         example_inputs: what one rank feeds the parallelized model: a tensor, a tuple of
             positional arguments, or a dict of keyword arguments (the full batch for
             replicated-input plans, its sequence shard for sequence-parallel ones).
@@ -88,6 +91,10 @@ def explain(
             config's ``max_position_embeddings``.
         dtype: cast floating parameters, buffers and inputs to it first (as ``.to(dtype)``).
         optimizer: ``"adamw"``/``"adam"`` (2 states per element), ``"sgd"`` or ``None`` (0).
+        backend: whose wire format the collectives are sized in. ``"nccl"`` (default):
+            payloads only, every step alike. ``"gloo"``: CPU runs, whose sequence-parallel
+            gathers carry each rank's shape in a header and agree on a padded capacity the
+            first time a size is seen, so the report also gives the first step.
 
     Example::
 
@@ -96,48 +103,41 @@ def explain(
         >>> report.to_dict()["collectives"]["forward"]["all_reduce"]
         {'count': 4, 'bytes': 16384}
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"explain expects an nn.Module, got {type(model).__name__}")
-    if not isinstance(tp_size, int) or isinstance(tp_size, bool) or tp_size < 1:
-        raise ValueError(f"tp_size must be a positive int, got {tp_size!r}")
-    key = optimizer.lower() if isinstance(optimizer, str) else optimizer
-    if key not in OPTIMIZER_STATES:
-        known = ", ".join(repr(k) for k in OPTIMIZER_STATES)
-        raise ValueError(f"optimizer must be one of {known}, got {optimizer!r}")
+    key = _check_arguments(model, tp_size, batch_size, seq_len, optimizer, backend)
     meta = meta_copy(model, dtype)
     if isinstance(plan, str) and plan == "auto":
         from ..planning.auto import auto_plan
 
         plan = auto_plan(meta, tp_size=tp_size)
-    args, kwargs = _inputs(meta, example_inputs, batch_size, seq_len, dtype)
+    expand_plan(meta, plan, tp_size)  # every check, before any group is made
     styles = planned_styles(meta, plan)
     total = sum(p.numel() for p in meta.parameters())
-    with fake_tp_mesh(tp_size) as mesh, torch.enable_grad():
+    with fake_mesh(tp_size, backend=backend) as mesh, torch.enable_grad():
         model_tp = parallelize_module(meta, mesh, plan)
         model_tp.train()
-        params = list(model_tp.parameters())  # each tied parameter once
-        fixed = [_local(p) for p in params] + list(model_tp.buffers())
-        group = mesh.get_group()
-        with flash_attention_on_meta():
-            with CollectiveLog(group) as fwd, saved_activation_bytes(fixed) as saved:
-                out = model_tp(*args, **kwargs)
-            with CollectiveLog(group) as bwd:
-                _loss(out).backward()
-    local = {id(p): _local(p) for p in params}
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model_tp.to_empty(device="cpu")
+            args, kwargs = _inputs(model_tp, example_inputs, batch_size, seq_len, dtype)
+            steps = [
+                _dry_step(model_tp, args, kwargs, mesh.get_group())
+                for _ in range(2 if backend == "gloo" else 1)  # gloo: the first step differs
+            ]
+            params = list(model_tp.parameters())  # each tied parameter once
+            local = {id(p): _local(p) for p in params}
     param_bytes = sum(t.numel() * t.element_size() for t in local.values())
     grad_bytes = sum(
         t.numel() * t.element_size() for p in params if p.requires_grad for t in [local[id(p)]]
     )
+    steady = steps[-1]
     memory = {
         "parameters": param_bytes,
         "gradients": grad_bytes,
         "optimizer_states": OPTIMIZER_STATES[key] * grad_bytes,
-        "activations": saved["bytes"],
+        "activations": steady.activations,
     }
     memory["total"] = sum(memory.values())
-    rows = module_rows(model_tp, styles)
     warnings = _warnings(model_tp, styles, tp_size, total)
-    others = sorted(set(fwd.others() + bwd.others()))
+    others = sorted({kind for step in steps for kind in step.others})
     if others:
         warnings.append(f"the step also runs {', '.join(others)}, not counted in the table.")
     return ExplainReport(
@@ -145,12 +145,64 @@ def explain(
         params_total=total,
         params_per_rank=sum(t.numel() for t in local.values()),
         memory_per_rank=memory,
-        collectives={"forward": fwd.summary(), "backward": bwd.summary()},
-        modules=rows,
+        collectives=steady.collectives,
+        modules=module_rows(model_tp, styles),
         warnings=warnings,
         inputs=_describe(args, kwargs),
         dtype=None if dtype is None else str(dtype).removeprefix("torch."),
         optimizer=key,
+        backend=backend,
+        first_step_collectives=None if steps[0] == steady else steps[0].collectives,
+    )
+
+
+# The largest mesh a dry run builds: its fake group keeps one entry per rank.
+MAX_RANKS = 1 << 16
+
+
+def _check_arguments(
+    model: Any, tp_size: Any, batch_size: Any, seq_len: Any, optimizer: Any, backend: Any
+) -> str | None:
+    """Raise on arguments no run could take; returns the optimizer's key."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"explain expects an nn.Module, got {type(model).__name__}")
+    for name, value in (("tp_size", tp_size), ("batch_size", batch_size), ("seq_len", seq_len)):
+        if value is None and name == "seq_len":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if tp_size > MAX_RANKS:
+        raise ValueError(f"tp_size {tp_size} is more ranks than a dry run models (at most {MAX_RANKS})")
+    key = optimizer.lower() if isinstance(optimizer, str) else optimizer
+    if key not in OPTIMIZER_STATES:
+        known = ", ".join(repr(k) for k in OPTIMIZER_STATES)
+        raise ValueError(f"optimizer must be one of {known}, got {optimizer!r}")
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"backend must be 'nccl' or 'gloo', got {backend!r}")
+    return key
+
+
+@dataclass(frozen=True)
+class _StepCost:
+    """What one dry-run training step communicated and saved."""
+
+    collectives: dict[str, dict[str, dict[str, int]]]
+    activations: int
+    others: tuple[str, ...]
+
+
+def _dry_step(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], group: Any) -> _StepCost:
+    """One forward and backward of ``model`` on fake tensors, logged on ``group``."""
+    fixed = [_local(p) for p in model.parameters()] + list(model.buffers())
+    with CollectiveLog(group) as fwd, saved_activation_bytes(fixed) as saved:
+        out = model(*args, **kwargs)
+    with CollectiveLog(group) as bwd:
+        _loss(out).backward()
+    model.zero_grad(set_to_none=True)
+    return _StepCost(
+        {"forward": fwd.summary(), "backward": bwd.summary()},
+        saved["bytes"],
+        tuple(fwd.others() + bwd.others()),
     )
 
 
@@ -247,13 +299,14 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     return p.to_local() if isinstance(p, DTensor) else p
 
 
-def _to_meta(x: Any, dtype: torch.dtype | None) -> Any:
+def _to_fake(x: Any, dtype: torch.dtype | None) -> Any:
+    """``x`` as a fake CPU tensor of its shape and dtype (inside the dry run's fake mode)."""
     if isinstance(x, DTensor):
         raise TypeError("example_inputs must be plain tensors (what one rank feeds), not DTensors")
     if not isinstance(x, torch.Tensor):
         return x
     cast = dtype if dtype is not None and x.is_floating_point() else x.dtype
-    m = torch.empty_like(x, device="meta", dtype=cast)
+    m = torch.empty(x.shape, device="cpu", dtype=cast)
     return m.requires_grad_(x.requires_grad and m.is_floating_point())
 
 
@@ -271,8 +324,14 @@ def _inputs(
             seq = getattr(config, "max_position_embeddings", None)
             if seq is None:
                 raise ValueError("pass seq_len: the model's config has no max_position_embeddings")
-        example = {"input_ids": torch.zeros(batch, seq, dtype=torch.long, device="meta")}
-    example = pytree.tree_map(lambda x: _to_meta(x, dtype), example)
+        example = {"input_ids": torch.zeros(batch, seq, dtype=torch.long)}
+    leaves = pytree.tree_leaves(example)
+    if not any(isinstance(x, torch.Tensor) for x in leaves):
+        raise TypeError(
+            "example_inputs must hold at least one tensor (a tensor, a tuple of positional "
+            f"arguments or a dict of keyword arguments), got {type(example).__name__}"
+        )
+    example = pytree.tree_map(lambda x: _to_fake(x, dtype), example)
     if isinstance(example, Mapping):
         return (), dict(example)
     if isinstance(example, (tuple, list)):

@@ -54,6 +54,21 @@ def _table(header: list[str], rows: list[list[str]], indent: str = "  ") -> list
     return [line(header), rule, *(line(r) for r in rows)]
 
 
+def _copy(collectives: dict[str, dict[str, dict[str, int]]] | None) -> Any:
+    if collectives is None:
+        return None
+    return {phase: {kind: dict(v) for kind, v in kinds.items()} for phase, kinds in collectives.items()}
+
+
+def _collective_table(collectives: dict[str, dict[str, dict[str, int]]]) -> list[str]:
+    rows = [
+        [phase, kind, str(v["count"]), f"{v['bytes']:,}", _bytes(v["bytes"])]
+        for phase, kinds in collectives.items()
+        for kind, v in kinds.items()
+    ]
+    return _table(["phase", "collective", "count", "bytes", ""], rows)
+
+
 @dataclass
 class ExplainReport:
     """What one training step of a plan costs per rank (see :func:`shardwise.explain`).
@@ -73,11 +88,16 @@ class ExplainReport:
     inputs: dict[str, Any] = field(default_factory=dict)
     dtype: str | None = None
     optimizer: str | None = "adamw"
+    backend: str = "nccl"
+    # The first step's collectives where they differ from the steady state's (gloo's
+    # sequence-parallel gathers agree on their capacity once); None: every step alike.
+    first_step_collectives: dict[str, dict[str, dict[str, int]]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data: ``tp_size``, ``params_total``, ``params_per_rank``,
-        ``memory_per_rank``, ``collectives``, ``modules``, ``warnings``, ``inputs``,
-        ``dtype``, ``optimizer``.
+        ``memory_per_rank``, ``collectives`` (a step in steady state),
+        ``first_step_collectives`` (``None`` when every step is alike), ``modules``,
+        ``warnings``, ``inputs``, ``dtype``, ``optimizer``, ``backend``.
 
         Example::
 
@@ -89,10 +109,7 @@ class ExplainReport:
             "params_total": self.params_total,
             "params_per_rank": self.params_per_rank,
             "memory_per_rank": dict(self.memory_per_rank),
-            "collectives": {
-                phase: {kind: dict(v) for kind, v in kinds.items()}
-                for phase, kinds in self.collectives.items()
-            },
+            "collectives": _copy(self.collectives),
             "modules": [
                 {**row, "params": {n: dict(p) for n, p in row["params"].items()}}
                 for row in self.modules
@@ -101,6 +118,8 @@ class ExplainReport:
             "inputs": dict(self.inputs),
             "dtype": self.dtype,
             "optimizer": self.optimizer,
+            "backend": self.backend,
+            "first_step_collectives": _copy(self.first_step_collectives),
         }
 
     def _module_rows(self) -> list[list[str]]:
@@ -145,13 +164,13 @@ class ExplainReport:
             ["", "bytes", ""],
             [[labels[k], f"{v:,}", _bytes(v)] for k, v in self.memory_per_rank.items()],
         )
-        lines += ["", "collectives per rank per step (NCCL-tests sizes)"]
-        rows = [
-            [phase, kind, str(v["count"]), f"{v['bytes']:,}", _bytes(v["bytes"])]
-            for phase, kinds in self.collectives.items()
-            for kind, v in kinds.items()
-        ]
-        lines += _table(["phase", "collective", "count", "bytes", ""], rows)
+        wire = "NCCL-tests sizes" if self.backend == "nccl" else "gloo, headers and padding included"
+        steady = "per step" if self.first_step_collectives is None else "per step in steady state"
+        lines += ["", f"collectives per rank {steady} ({wire})"]
+        lines += _collective_table(self.collectives)
+        if self.first_step_collectives is not None:
+            lines += ["", "collectives of the first step (gloo agrees on gather capacities once)"]
+            lines += _collective_table(self.first_step_collectives)
         lines += ["", f"planned modules ({len(self.modules)})"]
         lines += _table(
             ["module", "", "style", "param", "placements", "global shape", "local shape (rank 0)"],

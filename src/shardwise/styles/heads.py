@@ -47,7 +47,7 @@ from torch.distributed.tensor import Replicate, Shard
 from .._engine import collectives as C
 from .._engine.entry_cache import shared_entry
 from .._engine.forward import ParallelForward, check_installable
-from .._engine.local_params import distribute_parameter, local_param
+from .._engine.local_params import distribute_parameter
 from .base import ModuleStyle
 
 __all__ = ["AttentionHeads", "ColwiseHeads", "HeadLayout", "RowwiseHeads", "head_layout"]
@@ -276,8 +276,8 @@ class _HeadsForward(ParallelForward):
 
     base = nn.Linear
 
-    def __init__(self, span: slice, group: ProcessGroup) -> None:
-        self.span, self.group = span, group
+    def __init__(self, span: slice, group: ProcessGroup, summed: frozenset[str]) -> None:
+        self.span, self.group, self.summed = span, group, summed
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(features {self.span.start}:{self.span.stop})"
@@ -292,7 +292,7 @@ class _ColumnHeadsForward(_HeadsForward):
     def __call__(
         self, module: nn.Linear, x: torch.Tensor, *args: Any, **kwargs: Any
     ) -> torch.Tensor:
-        w, b = local_param(module.weight), local_param(module.bias)
+        w, b = self.param(module, "weight"), self.param(module, "bias")
         assert w is not None
         bias = None if b is None else b[self.span]
         return F.linear(shared_entry("f", x, self.group, 0), w[self.span], bias)  # [.., heads_r*D]
@@ -306,7 +306,7 @@ class _RowHeadsForward(_HeadsForward):
     def __call__(
         self, module: nn.Linear, x: torch.Tensor, *args: Any, **kwargs: Any
     ) -> torch.Tensor:
-        w, b = local_param(module.weight), local_param(module.bias)
+        w, b = self.param(module, "weight"), self.param(module, "bias")
         assert w is not None
         y = C.reduce_from_region(F.linear(x, w[:, self.span]), self.group)  # [.., hidden]
         return y if b is None else y + b
@@ -371,7 +371,7 @@ class ColwiseHeads(ModuleStyle):
         distribute_parameter(module, "weight", mesh, Replicate(), sum_grads=True)
         distribute_parameter(module, "bias", mesh, Replicate(), sum_grads=True)
         span = slice(start * self.head_dim, stop * self.head_dim)
-        _ColumnHeadsForward(span, mesh.get_group()).install(module)
+        _ColumnHeadsForward(span, mesh.get_group(), frozenset({"weight", "bias"})).install(module)
         return module
 
 
@@ -422,5 +422,5 @@ class RowwiseHeads(ModuleStyle):
         distribute_parameter(module, "weight", mesh, Replicate(), sum_grads=True)
         distribute_parameter(module, "bias", mesh, Replicate(), sum_grads=False)  # added after the all-reduce
         span = slice(start * self.head_dim, stop * self.head_dim)
-        _RowHeadsForward(span, mesh.get_group()).install(module)
+        _RowHeadsForward(span, mesh.get_group(), frozenset({"weight"})).install(module)
         return module
