@@ -12,11 +12,13 @@ from typing import Any
 import pytest
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.debug import CommDebugMode
 
 from shardwise import foreach_param_groups, parallelize_module
 from shardwise.checkpoint import load_checkpoint, save_checkpoint
 from shardwise.optim import step_on_local_shards
 from shardwise.testing import check_parity, expect_raises, full, mesh_of
+from shardwise.testing.comms import ALL_REDUCE, comm_counts
 from shardwise.testing.models import GPTStack, gpt_block_plan
 from shardwise.testing.tolerance import assert_close_at_scale, largest_magnitude, tolerance
 
@@ -83,6 +85,26 @@ def _gpt_trains_bit_for_bit_like_torchs_step(world: int, kind: str) -> int:
 def test_gpt_trains_bit_for_bit_like_torchs_step(pools, kind):
     counts = pools(2).run(_gpt_trains_bit_for_bit_like_torchs_step, 2, kind)
     assert counts[0] == counts[1] > 0
+
+
+def _collectives_per_phase(world: int) -> list[dict[str, int]]:
+    model = _gpt(world)
+    opt = step_on_local_shards(torch.optim.AdamW(model.parameters(), foreach=True))
+    _train(model, opt, range(1))  # steady state: optimizer state exists
+    with CommDebugMode() as forward:
+        loss = full(model(_batch(1))).square().mean()
+    with CommDebugMode() as backward:
+        loss.backward()
+    with CommDebugMode() as step:
+        opt.step()
+        opt.zero_grad()
+    return [comm_counts(c) for c in (forward, backward, step)]
+
+
+def test_the_step_adds_no_collective(pools):
+    """2 all-reduces per GPT block forward and 2 backward, as before; none in the step."""
+    per_block = {ALL_REDUCE: 2 * 2}  # 2 blocks
+    assert pools(2).run(_collectives_per_phase, 2) == [[per_block, per_block, {}]] * 2
 
 
 def _gpt_parity(world: int) -> None:
