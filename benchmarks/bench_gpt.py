@@ -8,9 +8,11 @@ Builds the same 2-block GPT stack (separate q/k/v/o/up/down Linears, seed-style 
 Colwise q/k/v/up, Rowwise o/down) four ways from identical weights: shardwise, PyTorch's
 ``torch.distributed.tensor.parallel`` (the peer; imported only here), a hand-written
 Megatron-style model with local shards, and an unsharded model run by each process alone
-(for the TP speedup). Steps (forward + backward + SGD) of all four are interleaved in one
-run, in a freshly shuffled order every round, so that machine noise and cache effects
-hit them alike. A step's time is its slower rank's; the median step time of each variant
+(for the TP speedup). A step is forward + backward + torch's SGD (``foreach=True``):
+shardwise's with ``shardwise.optim.step_on_local_shards`` (torch's update on the local
+shards), torch TP's with torch's own step on its DTensors, the plain-tensor models with
+torch's own step. Steps of all four are interleaved in one run, in a freshly shuffled
+order every round, so that machine noise and cache effects hit them alike. A step's time is its slower rank's; the median step time of each variant
 is reported, and each ratio of medians comes with a 90% bootstrap interval (resampling
 whole rounds) to show how far the run's noise could move it.
 Writes ``benchmarks/results/gpt.json`` and ``gpt.png``.
@@ -46,6 +48,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from megatron_baseline import MegatronGPTBlock, MegatronStack
 
 import shardwise
+from shardwise.optim import step_on_local_shards
 from shardwise.testing.models import GPTStack, gpt_block_plan
 
 RESULTS = Path(__file__).parent / "results"
@@ -64,15 +67,20 @@ def torch_tp(model: nn.Module, mesh) -> nn.Module:
     return parallelize_module(model, mesh, plan)
 
 
-def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    # foreach=True for every variant (torch's default turns foreach off for DTensor
-    # params), with DTensor and plain params in separate groups (a foreach op cannot mix
-    # them); for the plain-parameter variants this is a single group.
+def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    # torch's SGD with foreach=True for every variant (torch's default turns foreach off
+    # for DTensor params). shardwise steps its DTensors' local shards
+    # (shardwise.optim.step_on_local_shards), which takes one group mixing DTensors and
+    # plain tensors. torch's own step on torch TP's DTensors needs DTensor and plain
+    # params in separate groups (a foreach op cannot mix them); for the plain-parameter
+    # variants foreach_param_groups gives a single group.
+    if name == "shardwise":
+        return step_on_local_shards(torch.optim.SGD(model.parameters(), lr=1e-4, foreach=True))
     return torch.optim.SGD(shardwise.foreach_param_groups(model.parameters()), lr=1e-4, foreach=True)
 
 
-def make_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    opt = make_optimizer(model)
+def make_step(name: str, model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    opt = make_optimizer(name, model)
 
     def step() -> None:
         model(x).float().pow(2).mean().backward()
@@ -82,9 +90,9 @@ def make_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def make_phased_step(model: nn.Module, x: torch.Tensor) -> Callable[[], list[float]]:
+def make_phased_step(name: str, model: nn.Module, x: torch.Tensor) -> Callable[[], list[float]]:
     """Like :func:`make_step`, returning the seconds of forward, backward and optimizer step."""
-    opt = make_optimizer(model)
+    opt = make_optimizer(name, model)
 
     def step() -> list[float]:
         t0 = time.perf_counter()
@@ -116,7 +124,7 @@ def host_overhead(
     summed), which does not change the work done.
     """
     names = ("shardwise", "hand_written")
-    steps = {n: make_phased_step(variants[n], x) for n in names}
+    steps = {n: make_phased_step(n, variants[n], x) for n in names}
     rounds = []
     with mock.patch.object(dist, "all_reduce", _no_collective):
         for i in range(iters + warmup):
@@ -192,7 +200,7 @@ def bench_hidden(hidden: int, args: argparse.Namespace, mesh, group) -> dict:
             got = model(x)
             if not torch.allclose(got, want, atol=1e-4, rtol=1e-3):
                 raise AssertionError(f"{name} disagrees with the reference at hidden={hidden}")
-    steps = {name: make_step(model, x) for name, model in variants.items()}
+    steps = {name: make_step(name, model, x) for name, model in variants.items()}
     names = list(steps)
     iters = args.iters if hidden < 1024 else max(8, args.iters // 8)
     # Settle the heap, and move everything built so far out of the cyclic collector's
