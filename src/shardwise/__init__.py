@@ -28,7 +28,7 @@ from .layouts import (
 )
 from .loss import vocab_parallel_cross_entropy
 from .multihead_attention_tp import TensorParallelMultiheadAttention
-from .optim import foreach_param_groups
+from .optim import foreach_param_groups, step_on_local_shards
 from .planning.auto import auto_plan, register_auto_plan
 from .planning.expand import expand_plan
 from .styles.base import ModuleStyle, ParallelStyle
@@ -68,6 +68,7 @@ __all__ = [
     "make_output_tensor",
     "make_sharded_output_tensor",
     "parallelize_module",
+    "step_on_local_shards",
     "verify",
     "register_auto_plan",
     "vocab_parallel_cross_entropy",

@@ -115,6 +115,11 @@ def test_the_layers_point_one_way():
 _PRIVATE_TORCH_HOME = ROOT / "_engine" / "torch_compat.py"
 
 
+def _hot_path(path: Path) -> bool:
+    """The engine and the optimizer's step: where the compat page lists attribute reads."""
+    return "_engine" in path.parts or path.relative_to(ROOT).as_posix() == "optim/shards.py"
+
+
 def _torch_chain(node: ast.Attribute) -> bool:
     """``torch.<...>.<attr>``: an attribute chain rooted at the name ``torch``."""
     value: ast.expr = node.value
@@ -136,7 +141,7 @@ def _private_torch_uses(path: Path) -> list[str]:
         elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and _torch_chain(node):
             found.append(f"{ast.unparse(node)} (a private torch name)")
         elif isinstance(node, ast.Attribute) and node.attr == "_local_tensor":
-            if "_engine" not in path.parts:  # the engine's hot path is listed on the compat page
+            if not _hot_path(path):  # the hot paths are listed on the compat page
                 found.append("._local_tensor (off the hot path, to_local() does it)")
     return found
 

@@ -12,9 +12,12 @@ Attributes read in place:
 attribute                           where                                  why
 ==================================  =====================================  ==================================
 ``DTensor._local_tensor``           local_params, sharded_linear,          the local leaf a parameter's
-                                    grad_handoff, checkpoint               forward runs on, without a view
-``DTensor._spec``                   grad_handoff (:func:`dtensor_like`)    a gradient with its parameter's
-                                                                           layout, without redistribution
+                                    grad_handoff, optim.shards             forward (and the optimizer's
+                                                                           step) runs on, without a view
+``DTensor._spec``                   grad_handoff (:func:`dtensor_like`),   a gradient with its parameter's
+                                    optim.shards                           layout, without redistribution
+``Optimizer._init_group``           optim.local_step                       torch's own state creation, so
+                                                                           the local step's state is torch's
 ``Tensor._base``, ``._version``     sharded_linear (entry cache),          which activation a view is, and
                                     styles.heads                           whether it changed in place
 ``Module._parameters``              sharded_linear, ties, local_params     the registered parameter itself,
@@ -39,6 +42,7 @@ from torch.distributed.tensor import DTensor
 __all__ = [
     "DropoutBase",
     "FakeTensorMode",
+    "DTensorSpec",
     "StridedShard",
     "TorchDispatchMode",
     "all_gather_single",
@@ -58,6 +62,9 @@ __all__ = [
 # ``_StridedShard``: a dim split into ``split_factor`` interleaved parts before sharding.
 # FSDP2 + TP use it themselves; shardwise uses it for GPT-2's fused q|k|v ``c_attn``
 # (hf/conv1d.py) so the parameter keeps its name and its checkpoint layout. Since 2.5.
+# ``DTensorSpec``: the type of ``DTensor._spec`` (mesh, placements, shape), which the local
+# optimizer step compares instead of the DTensor's slower properties.
+from torch.distributed.tensor._dtensor_spec import DTensorSpec  # noqa: E402
 from torch.distributed.tensor.placement_types import _StridedShard as StridedShard  # noqa: E402
 
 # ``_DropoutNd``: the base of every dropout module (Dropout, Dropout1d/2d/3d,

@@ -22,15 +22,11 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch.distributed.tensor import DTensor
 
-from .._engine.torch_compat import dtensor_like
-
-if TYPE_CHECKING:  # ``DTensor._spec``'s type, for the checker only
-    from torch.distributed.tensor._dtensor_spec import DTensorSpec
+from .._engine.torch_compat import DTensorSpec, dtensor_like
 
 __all__ = ["local_tensor_like", "local_tensors", "local_tensors_like", "wrap_like"]
 
